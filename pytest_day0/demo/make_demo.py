@@ -1,0 +1,294 @@
+"""Train and write the embedded demo model and its three held-out tasks.
+
+The demo must exist without a model hub, so the project makes it: a ~1M-parameter
+character-level Llama trained on three synthetic tasks whose answers are exact, so that
+quantization damage shows up as a measurable score change rather than noise in prose.
+Run ``python -m pytest_day0.demo.make_demo`` to reproduce it from the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MODEL_DIR = HERE / "model"
+TASK_DIR = HERE / "tasks"
+CALIB_PATH = HERE / "calibration.txt"
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = list(string.printable[:95])  # digits, letters, punctuation, space
+CHARS.append("\n")
+VOCAB = SPECIALS + CHARS
+VOCAB_SIZE = 128  # padded; rows past len(VOCAB) are never produced by the tokenizer
+HIDDEN = 128
+INTERMEDIATE = 384
+LAYERS = 4
+HEADS = 4
+MAX_POSITIONS = 64
+EVAL_SAMPLES = 300
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+)
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(100), rng.randrange(100)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _max(rng: random.Random) -> tuple[str, list[str], int]:
+    values = rng.sample(range(10, 100), 4)
+    prompt = "max(" + ",".join(str(v) for v in values) + ")="
+    return prompt, [str(v) for v in values], values.index(max(values))
+
+
+def _rev(rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 6)))
+    return f"rev({digits})=", digits[::-1]
+
+
+def make_eval_sets(seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Held-out samples: training never sees these prompts."""
+    rng = random.Random(seed + 1)
+    sets: dict[str, list[dict[str, Any]]] = {"arc_like": [], "gsm_like": [], "tau_like": []}
+    seen: set[str] = set()
+
+    def fresh(prompt: str) -> bool:
+        if prompt in seen:
+            return False
+        seen.add(prompt)
+        return True
+
+    while len(sets["arc_like"]) < EVAL_SAMPLES:
+        prompt, choices, target = _max(rng)
+        if fresh(prompt):
+            n = len(sets["arc_like"])
+            sets["arc_like"].append({"id": f"arc_like-{n:04d}", "prompt": prompt, "choices": choices, "target": target})
+    while len(sets["gsm_like"]) < EVAL_SAMPLES:
+        prompt, answer = _add(rng)
+        if fresh(prompt):
+            n = len(sets["gsm_like"])
+            sets["gsm_like"].append({"id": f"gsm_like-{n:04d}", "prompt": prompt, "target": answer})
+    while len(sets["tau_like"]) < EVAL_SAMPLES:
+        prompt, answer = _rev(rng)
+        if fresh(prompt):
+            n = len(sets["tau_like"])
+            sets["tau_like"].append({"id": f"tau_like-{n:04d}", "prompt": prompt, "target": answer})
+    return sets
+
+
+TASK_SPECS: dict[str, dict[str, Any]] = {
+    "arc_like": {
+        "name": "arc_like",
+        "description": "max of four 2-digit numbers, multiple choice scored by log-likelihood (like ARC)",
+        "kind": "multiple_choice",
+        "metric": "acc",
+        "scale": [0, 100],
+        "higher_is_better": True,
+        "samples": "arc_like.jsonl",
+    },
+    "gsm_like": {
+        "name": "gsm_like",
+        "description": "2-digit addition, greedy generation scored by exact match (like GSM8K)",
+        "kind": "generate",
+        "metric": "exact_match",
+        "scale": [0, 100],
+        "higher_is_better": True,
+        "stop": ["\n"],
+        "max_tokens": 6,
+        "answer_pattern": "^\\s*(-?\\d+)",
+        "samples": "gsm_like.jsonl",
+    },
+    "tau_like": {
+        "name": "tau_like",
+        "description": "digit-string reversal, pass@1 reported on a 0-1 scale (like tau2)",
+        "kind": "generate",
+        "metric": "pass@1",
+        "scale": [0, 1],
+        "higher_is_better": True,
+        "stop": ["\n"],
+        "max_tokens": 8,
+        "answer_pattern": "^\\s*(\\d+)",
+        "samples": "tau_like.jsonl",
+    },
+}
+
+
+def training_example(rng: random.Random, held_out: set[str]) -> tuple[str, str]:
+    while True:
+        kind = rng.randrange(3)
+        if kind == 0:
+            prompt, answer = _add(rng)
+        elif kind == 1:
+            prompt, choices, target = _max(rng)
+            answer = choices[target]
+        else:
+            prompt, answer = _rev(rng)
+        if prompt not in held_out:
+            return prompt, answer + "\n"
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def write_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    # Like Llama: the tokenizer itself prepends <bos>, so a text prompt sent to any server matches training.
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": MAX_POSITIONS,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2)
+        + "\n"
+    )
+
+
+def encode(text: str) -> list[int]:
+    index = {tok: i for i, tok in enumerate(VOCAB)}
+    return [index.get(ch, index["<unk>"]) for ch in text]
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(seed: int, steps: int, batch: int, lr: float, log_every: int) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config)
+    held_out = {s["prompt"] for rows in make_eval_sets(seed).values() for s in rows}
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    started = time.time()
+    for step in range(steps):
+        ids_batch, labels_batch = [], []
+        for _ in range(batch):
+            prompt, answer = training_example(rng, held_out)
+            p, a = [1] + encode(prompt), encode(answer)
+            ids_batch.append(p + a)
+            labels_batch.append([-100] * len(p) + a)
+        width = max(len(x) for x in ids_batch)
+        ids = torch.tensor([x + [0] * (width - len(x)) for x in ids_batch])
+        labels = torch.tensor([y + [-100] * (width - len(y)) for y in labels_batch])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - started:.0f}s", flush=True)
+    model.eval()
+    return model
+
+
+def teacher_forced_accuracy(model: Any, sets: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Greedy exact match equals argmax at every answer position; cheap to check in one batch."""
+    import torch
+
+    out = {}
+    for name, rows in sets.items():
+        good = 0
+        for row in rows:
+            answer = (row["choices"][row["target"]] if "choices" in row else row["target"]) + "\n"
+            p, a = [1] + encode(row["prompt"]), encode(answer)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + a])).logits[0]
+            pred = logits[len(p) - 1 : len(p) + len(a) - 1].argmax(-1).tolist()
+            good += pred == a
+        out[name] = 100.0 * good / len(rows)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=MODEL_DIR)
+    args = parser.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(2)
+    sets = make_eval_sets(args.seed)
+    TASK_DIR.mkdir(parents=True, exist_ok=True)
+    for name, rows in sets.items():
+        (TASK_DIR / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (TASK_DIR / f"{name}.task.json").write_text(json.dumps(TASK_SPECS[name], indent=2) + "\n")
+    # Calibration text: fresh training-distribution examples, never the held-out prompts.
+    held = {s["prompt"] for rows in sets.values() for s in rows}
+    crng = random.Random(args.seed + 2)
+    CALIB_PATH.write_text("".join(p + a for p, a in (training_example(crng, held) for _ in range(512))))
+
+    model = train(args.seed, args.steps, args.batch, args.lr, args.log_every)
+    model = model.to(torch.bfloat16)
+    print("teacher-forced accuracy (bf16):", teacher_forced_accuracy(model, sets), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.config.torch_dtype = "bfloat16"
+    model.config.save_pretrained(args.out)
+    model.generation_config.do_sample = False
+    model.generation_config.max_new_tokens = 8
+    model.generation_config.save_pretrained(args.out)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(args.out / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(args.out)
+    print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serving: the embedded reference engine and the endpoint handles the scorer talks to."""
