@@ -279,7 +279,8 @@ def main() -> None:
     model = model.to(torch.bfloat16)
     print("teacher-forced accuracy (bf16):", teacher_forced_accuracy(model, sets), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    model.config.torch_dtype = "bfloat16"
+    model.config.dtype = "bfloat16"
+    model.config.architectures = ["LlamaForCausalLM"]
     model.config.save_pretrained(args.out)
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 8
