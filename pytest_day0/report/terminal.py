@@ -1,0 +1,103 @@
+"""The terminal summary: per-recipe task tables, then the verdicts, the recommendation last (where eyes land).
+
+Pure: returns lists of lines; the plugin writes them with ``terminalreporter.write_line``. Scores are printed on
+each task's own scale (0–1 with 3 decimals, 0–100 with 1), and "—" stands for a value a failed stage never made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pytest_day0.gates.compare import Decision, TaskComparison, format_scale, format_score
+from pytest_day0.verdict import SessionVerdict, Verdict
+
+MISSING = "—"
+COLUMNS = ("task", "scale", "baseline", "candidate", "delta", "floor", "quality", "class")
+_RIGHT = frozenset({"baseline", "candidate", "delta"})
+
+
+def decision_cell(d: Decision) -> str:
+    if d.skipped:
+        return "skip"
+    if d.passed:
+        return "pass"
+    return "WARN" if d.tier == "warn" else "FAIL"
+
+
+def row_class(c: TaskComparison) -> str:
+    """The one class worth showing for a task: the hard breaches first, then the warn one, then a skip's cause."""
+    for d in (c.floor, c.anomaly, c.quality):
+        if not d.passed and not d.skipped and d.failure_class:
+            return str(d.failure_class)
+    for d in (c.floor, c.anomaly, c.quality):
+        if d.skipped and d.failure_class:
+            return str(d.failure_class)
+    return ""
+
+
+def comparison_cells(c: TaskComparison) -> dict[str, str]:
+    return {
+        "task": c.task,
+        "scale": format_scale(c.scale),
+        "baseline": format_score(c.baseline, c.scale),
+        "candidate": format_score(c.candidate, c.scale),
+        "delta": format_score(c.delta, c.scale, signed=True),
+        "floor": decision_cell(c.floor),
+        "quality": decision_cell(c.quality),
+        "class": row_class(c),
+    }
+
+
+def table_lines(rows: Sequence[dict[str, str]], columns: Sequence[str] = COLUMNS, indent: str = "  ") -> list[str]:
+    widths = {col: max([len(col), *(len(r.get(col, "")) for r in rows)]) for col in columns}
+
+    def line(cells: dict[str, str]) -> str:
+        out = [
+            cells.get(col, "").rjust(widths[col]) if col in _RIGHT else cells.get(col, "").ljust(widths[col])
+            for col in columns
+        ]
+        return (indent + "  ".join(out)).rstrip()
+
+    return [line({c: c for c in columns}), indent + "  ".join("-" * widths[c] for c in columns), *map(line, rows)]
+
+
+def _limits(comparisons: Sequence[TaskComparison]) -> str:
+    c = comparisons[0]
+    of = "the baseline's distance from the worst score" if c.relative else "the task's range"
+    return f"  floor (hard): drop > {c.floor_fraction:.0%} of {of}; quality (warn): drop > {c.threshold:.0%}"
+
+
+def recipe_lines(recipe: str, comparisons: Sequence[TaskComparison], verdict: Verdict | None = None) -> list[str]:
+    """One recipe's block: heading, task table (or why there is none), limits caption."""
+    size = f", {verdict.size_ratio:.2f}× size" if verdict and verdict.size_ratio is not None else ""
+    lines = [f"{recipe}{size}"]
+    mine = [c for c in comparisons if c.recipe in (recipe, None)]
+    if not mine:
+        lines.append(f"  {MISSING} no task was compared (an upstream stage failed)")
+        return lines
+    lines += table_lines([comparison_cells(c) for c in mine])
+    lines.append(_limits(mine))
+    return lines
+
+
+def verdict_lines(verdict: Verdict) -> list[str]:
+    lines = [f"VERDICT {verdict.recipe}: {verdict.decision} — {verdict.recommendation}"]
+    lines += [f"    {r}" for r in verdict.reasons]
+    return lines
+
+
+def session_lines(session: SessionVerdict, comparisons: Sequence[TaskComparison]) -> list[str]:
+    """Tables for every recipe, then every verdict, then the recommendation as the very last line."""
+    lines: list[str] = []
+    recipes = [v.recipe for v in session.verdicts]
+    for v in session.verdicts:
+        lines += recipe_lines(v.recipe, comparisons, v)
+        lines.append("")
+    orphans = sorted({c.recipe for c in comparisons if c.recipe and c.recipe not in recipes})
+    for r in orphans:  # compared but never decided: still show the numbers
+        lines += recipe_lines(r, comparisons)
+        lines.append("")
+    for v in session.verdicts:
+        lines += verdict_lines(v)
+    lines.append(f"RECOMMENDATION: {session.recommendation}")
+    return lines
