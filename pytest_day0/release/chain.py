@@ -1,0 +1,427 @@
+"""The release chain: every stage run at most once per session, its artifact or its failure remembered.
+
+Stages never decide (they produce artifacts or raise Day0Error); gates never do I/O. This object is
+the seam between them: fixtures ask it for artifacts, tests hand the artifacts to pure gates.
+
+Run-once across pytest-xdist workers: each stage takes a workspace file lock keyed by its content key;
+whoever comes first does the work and leaves a finished artifact (or, within one session, a failure
+record) the others read. Servers are started detached and recorded in the workspace; the process that
+owns the session (the xdist controller, or the only process) stops them all at the end.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from pytest_day0.config import RunConfig
+from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.scoring.tasks import Task, load_task
+from pytest_day0.serving.endpoint import Endpoint
+from pytest_day0.stages import quantize as quantize_stage
+from pytest_day0.stages.source import CALIBRATION_TEXT, resolve_model
+from pytest_day0.workspace import Workspace, atomic_write_json, checkpoint_fingerprint, digest, read_json
+
+T = TypeVar("T")
+BASELINE = "baseline"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DeployRecord:
+    side: str
+    healthy: bool
+    models: tuple[str, ...]
+    canary_prompt: str
+    canary_text: str
+    seconds: float
+    cached: bool
+
+
+def _remembered_error(data: dict[str, Any]) -> Day0Error:
+    return Day0Error(FailureClass(data["failure_class"]), data["message"])
+
+
+class ReleaseChain:
+    def __init__(self, config: RunConfig, session_id: str, progress: Progress | None = None) -> None:
+        self.config = config
+        self.session_id = session_id
+        self.ws = Workspace(config.workdir)
+        self.progress: Progress = progress or (lambda _line: None)
+        self._memo: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _once(self, key: str, build: Callable[[], T], *, retry_transient: bool = True) -> T:
+        """Memoize a stage in this process; retry INFRA_TRANSIENT once, then it is SYSTEMIC."""
+        if key in self._memo:
+            value = self._memo[key]
+            if isinstance(value, Day0Error):
+                raise value
+            return value  # type: ignore[no-any-return]
+        attempts = 2 if retry_transient else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                value = build()
+            except Day0Error as exc:
+                if exc.failure_class is FailureClass.INFRA_TRANSIENT and attempt < attempts:
+                    self.progress(f"[day0] {key}: {exc} — retrying once")
+                    continue
+                if exc.failure_class is FailureClass.INFRA_TRANSIENT:
+                    exc = Day0Error(FailureClass.SYSTEMIC, f"{key} failed twice with INFRA_TRANSIENT: {exc.message}")
+                self._memo[key] = exc
+                raise exc from None
+            self._memo[key] = value
+            return value
+        raise AssertionError("unreachable")
+
+    def _timed(self, name: str, fn: Callable[[], T]) -> T:
+        self.progress(f"[day0] {name} ...")
+        started = time.time()
+        try:
+            value = fn()
+        except Day0Error as exc:
+            self.progress(f"[day0] {name} failed after {time.time() - started:.1f}s: {exc}")
+            raise
+        self.progress(f"[day0] {name} done in {time.time() - started:.1f}s")
+        self.ws.event("stage_time", stage=name, seconds=round(time.time() - started, 3), session=self.session_id)
+        return value
+
+    def _session_failure_path(self, key: str) -> Path:
+        return self.ws.path("failures", self.session_id, f"{key}.json")
+
+    def _shared_stage(self, key: str, lock: str, build: Callable[[], T]) -> T:
+        """A stage other processes of this session may also want: a failure is recorded so they don't repeat it."""
+
+        def guarded() -> T:
+            with self.ws.lock(lock):
+                failed = read_json(self._session_failure_path(key))
+                if failed:
+                    raise _remembered_error(failed)
+                try:
+                    return build()
+                except Day0Error as exc:
+                    if exc.failure_class is not FailureClass.INFRA_TRANSIENT:
+                        atomic_write_json(self._session_failure_path(key),
+                                          {"failure_class": exc.failure_class, "message": exc.message})
+                    raise
+
+        return self._once(key, guarded)
+
+    # ------------------------------------------------------------------ inputs
+
+    def source(self) -> Path:
+        assert self.config.model is not None
+        model = self.config.model
+        return self._once("source", lambda: resolve_model(model), retry_transient=False)
+
+    def source_key(self) -> str:
+        return self._once("source_key", lambda: checkpoint_fingerprint(self.source()))
+
+    def tasks(self) -> list[Task]:
+        return self._once("tasks", lambda: [load_task(t, self.config.limit) for t in self.config.tasks],
+                          retry_transient=False)
+
+    def task(self, name: str) -> Task:
+        for task in self.tasks():
+            if task.name == name:
+                return task
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"task {name!r} is not part of this run")
+
+    # ------------------------------------------------------------------ quantize
+
+    def ptq_key(self, recipe: str) -> str:
+        c = self.config
+        if c.quantize == "existing":
+            assert c.checkpoint is not None
+            return "existing-" + checkpoint_fingerprint(c.checkpoint)
+        return f"{recipe}-" + digest(self.source_key(), recipe, c.quantize, c.calib_size,
+                                     quantize_stage._modelopt_version())
+
+    def quantized(self, recipe: str) -> quantize_stage.QuantizeResult:
+        from pytest_day0.checkpoint.recipes import resolve_recipe
+
+        recipe_obj = resolve_recipe(recipe)
+        c = self.config
+
+        def build() -> quantize_stage.QuantizeResult:
+            if c.quantize == "existing":
+                assert c.checkpoint is not None
+                return quantize_stage.use_existing(c.checkpoint, recipe_obj)
+            out_dir = self.ws.path("checkpoints", self.ptq_key(recipe))
+            if c.fresh and not self._memo.get(f"fresh-ptq-{recipe}"):
+                self._memo[f"fresh-ptq-{recipe}"] = True
+                (out_dir / quantize_stage.DONE_MARKER).unlink(missing_ok=True)
+            if quantize_stage.is_finished(out_dir):
+                self.progress(f"[day0] PTQ {recipe}: reusing {out_dir}")
+                return quantize_stage.QuantizeResult(out_dir, "modelopt", recipe, 0.0, True, None)
+            self.ws.event("ptq_run", recipe=recipe, session=self.session_id)
+            tail: list[str] = []
+
+            def on_line(line: str) -> None:
+                tail.append(line)
+                if line.startswith("[day0]"):
+                    self.progress("    " + line)
+
+            try:
+                return quantize_stage.quantize_modelopt(
+                    self.source(), recipe_obj, out_dir, CALIBRATION_TEXT, calib_size=c.calib_size,
+                    timeout_s=c.stage_timeout, on_line=on_line)
+            except Day0Error:
+                for line in tail[-5:]:
+                    self.progress("    | " + line)
+                raise
+
+        return self._shared_stage(f"ptq-{recipe}", f"ptq-{self.ptq_key(recipe)}",
+                                  lambda: self._timed(f"PTQ {recipe}", build))
+
+    def source_inspection(self) -> Any:
+        from pytest_day0.checkpoint.inspect import inspect_checkpoint
+
+        return self._once("inspect-source", lambda: inspect_checkpoint(self.source()), retry_transient=False)
+
+    def candidate_inspection(self, recipe: str) -> Any:
+        from pytest_day0.checkpoint.inspect import inspect_checkpoint
+
+        return self._once(f"inspect-{recipe}", lambda: inspect_checkpoint(self.quantized(recipe).checkpoint),
+                          retry_transient=False)
+
+    def ptq_checks(self, recipe: str) -> list[Any]:
+        from pytest_day0.checkpoint.recipes import resolve_recipe
+        from pytest_day0.gates.ptq import evaluate_ptq
+
+        return self._once(f"ptq-checks-{recipe}", lambda: evaluate_ptq(
+            self.source_inspection(), self.candidate_inspection(recipe), resolve_recipe(recipe)),
+            retry_transient=False)
+
+    def infeasible_upstream(self, recipe: str) -> Day0Error | None:
+        """A PTQ failure that makes everything downstream of this recipe pointless (-> skip, INFEASIBLE)."""
+        from pytest_day0.failures import INFEASIBLE_CLASSES
+
+        try:
+            checks = self.ptq_checks(recipe)
+        except Day0Error as exc:
+            return exc
+        for check in checks:
+            if not check.passed and check.failure_class in INFEASIBLE_CLASSES:
+                return Day0Error(check.failure_class, f"PTQ gate {check.name} of {recipe}: {check.message}")
+        return None
+
+    # ------------------------------------------------------------------ serve
+
+    def side_checkpoint(self, side: str) -> Path:
+        if side == BASELINE:
+            return self.source()
+        upstream = self.infeasible_upstream(side)
+        if upstream is not None:
+            raise upstream
+        return self.quantized(side).checkpoint
+
+    def side_key(self, side: str) -> str:
+        c = self.config
+        if c.serve == "external":
+            url = c.baseline_url if side == BASELINE else c.candidate_url
+            return f"{side}-external-" + digest(url)
+        if side == BASELINE:
+            return "baseline-" + digest(self.source_key(), c.serve)
+        return f"{side}-" + digest(self.ptq_key(side), c.serve)
+
+    def _registry_path(self, side: str) -> Path:
+        return self.ws.path("servers", f"{self.side_key(side)}.json")
+
+    def endpoint(self, side: str) -> Endpoint:
+        c = self.config
+        if c.serve == "external":
+            url = c.baseline_url if side == BASELINE else c.candidate_url
+            assert url is not None
+            return self._once(f"endpoint-{side}", lambda: _discover_external(url, c.api_key))
+
+        def build() -> Endpoint:
+            checkpoint = self.side_checkpoint(side)
+            registry = self._registry_path(side)
+            with self.ws.lock(f"serve-{self.side_key(side)}"):
+                failed = read_json(self._session_failure_path(f"serve-{side}"))
+                if failed:
+                    raise _remembered_error(failed)
+                known = read_json(registry)
+                if known and known.get("session") == self.session_id and _healthy(known["url"]):
+                    return Endpoint(url=known["url"], model=known["model"])
+                if known:
+                    _stop_pid(int(known.get("pid", 0)))
+                from pytest_day0.stages.serve import start_reference_server
+
+                self.ws.event("server_start", side=side, session=self.session_id)
+                try:
+                    handle = self._timed(f"serve {side}", lambda: start_reference_server(
+                        checkpoint, side, self.ws.root / "logs",
+                        timeout_s=min(c.stage_timeout, 600)))
+                except Day0Error as exc:
+                    atomic_write_json(self._session_failure_path(f"serve-{side}"),
+                                      {"failure_class": exc.failure_class, "message": exc.message})
+                    raise
+                # Detached: the server outlives this process (an xdist worker may finish before a sibling
+                # that still evaluates); stop_servers() at session end stops it through the registry.
+                atexit.unregister(handle.stop)
+                atomic_write_json(registry, {"url": handle.url, "model": handle.model, "pid": handle.pid,
+                                             "session": self.session_id, "side": side, "log": str(handle.log_path)})
+                return handle.endpoint
+
+        return self._once(f"endpoint-{side}", build)
+
+    def stop_servers(self) -> list[str]:
+        """Stop every server this session started (from any process). Idempotent."""
+        stopped = []
+        for path in sorted((self.ws.root / "servers").glob("*.json")):
+            known = read_json(path)
+            if known and known.get("session") == self.session_id:
+                _stop_pid(int(known.get("pid", 0)))
+                path.unlink(missing_ok=True)
+                stopped.append(str(known.get("side")))
+        return stopped
+
+    def deploy(self, side: str) -> DeployRecord:
+        """Health + one canary generation, remembered per served checkpoint so a cached re-run only re-gates."""
+        record_path = self.ws.path("deploy", f"{self.side_key(side)}.json")
+
+        def build() -> DeployRecord:
+            cached = read_json(record_path)
+            if cached and cached.get("healthy") and not self.config.fresh and self._all_evals_cached(side):
+                return DeployRecord(**{**cached, "models": tuple(cached["models"]), "cached": True})
+            endpoint = self.endpoint(side)
+            record = _health_and_canary(side, endpoint, self._canary_prompt())
+            atomic_write_json(record_path, {k: v for k, v in record.__dict__.items() if k != "cached"})
+            return record
+
+        return self._once(f"deploy-{side}", build)
+
+    def _canary_prompt(self) -> str:
+        tasks = self.tasks()
+        return tasks[0].samples[0].prompt if tasks else "Hello"
+
+    # ------------------------------------------------------------------ evaluate
+
+    def records_path(self, side: str, task: Task) -> Path:
+        spec_key = digest(task.spec.model_dump(mode="json"))
+        return self.ws.path("evals", self.side_key(side), f"{task.name}-{spec_key}.jsonl")
+
+    def _all_evals_cached(self, side: str) -> bool:
+        from pytest_day0.stages.evaluate import cached_result
+
+        try:
+            return all(cached_result(t, self.records_path(side, t), side) is not None for t in self.tasks())
+        except Day0Error:
+            return False
+
+    def evaluation(self, side: str, task_name: str) -> Any:
+        from pytest_day0.stages.evaluate import cached_result, run_evaluation
+
+        task = self.task(task_name)
+        path = self.records_path(side, task)
+
+        def build() -> Any:
+            with self.ws.lock(f"eval-{self.side_key(side)}-{task.name}"):
+                if self.config.fresh and not self._memo.get(f"fresh-eval-{side}-{task.name}"):
+                    self._memo[f"fresh-eval-{side}-{task.name}"] = True
+                    path.unlink(missing_ok=True)
+                done = cached_result(task, path, side)
+                if done is not None:
+                    return done
+                endpoint = self.endpoint(side)
+                self.ws.event("eval_run", side=side, task=task.name, session=self.session_id)
+                last = [0.0]
+                started = time.time()
+
+                def on_progress(done_n: int, total: int) -> None:
+                    now = time.time()
+                    if now - last[0] >= 5 or done_n == total:
+                        last[0] = now
+                        rate = done_n / max(now - started, 1e-6)
+                        self.progress(f"[day0]   {side}/{task.name}: {done_n}/{total} samples ({rate:.1f}/s)")
+
+                return self._timed(f"eval {side}/{task.name}", lambda: run_evaluation(
+                    task, endpoint, path, side, concurrency=self.config.concurrency, progress=on_progress))
+
+        return self._once(f"eval-{side}-{task.name}", build)
+
+
+# ---------------------------------------------------------------------- helpers (I/O)
+
+
+def _healthy(url: str, timeout: float = 3.0) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
+    if pid <= 0:
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.time() + grace_s
+    while time.time() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _discover_external(url: str, api_key: Any) -> Endpoint:
+    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+    try:
+        resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise Day0Error(FailureClass.SYSTEMIC, f"{url} is unreachable: {type(exc).__name__}") from None
+    if resp.status_code in (401, 403):
+        raise Day0Error(FailureClass.SYSTEMIC, f"{url} refused our credentials (HTTP {resp.status_code})")
+    try:
+        models = [m["id"] for m in resp.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{url}/v1/models answered no model list") from None
+    if not models:
+        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{url} serves no model")
+    return Endpoint(url=url, model=models[0], api_key=api_key)
+
+
+def _health_and_canary(side: str, endpoint: Endpoint, prompt: str) -> DeployRecord:
+    started = time.time()
+    try:
+        with httpx.Client(base_url=endpoint.url, headers=endpoint.headers(), timeout=60) as client:
+            health = client.get("/health")
+            models = client.get("/v1/models").json()
+            chat = client.post("/v1/chat/completions", json={
+                "model": endpoint.model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 8, "temperature": 0})
+    except (httpx.HTTPError, ValueError) as exc:
+        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED,
+                        f"{side} at {endpoint.url}: {type(exc).__name__}: {exc}") from None
+    if health.status_code != 200:
+        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{side}: /health answered {health.status_code}")
+    if chat.status_code != 200:
+        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED,
+                        f"{side}: canary generation answered HTTP {chat.status_code}: {chat.text[:200]}")
+    try:
+        text = chat.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{side}: canary answer is not a chat completion") \
+            from None
+    if not isinstance(text, str) or not text.strip():
+        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{side}: canary generation came back empty")
+    ids = tuple(str(m.get("id")) for m in models.get("data", [])) if isinstance(models, dict) else ()
+    return DeployRecord(side, True, ids, prompt, text, round(time.time() - started, 3), False)

@@ -1,0 +1,252 @@
+"""Quantize stage: produce the candidate checkpoint (engines ``modelopt`` and ``existing``).
+
+ModelOpt PTQ runs in a child process (``python -m pytest_day0.stages.quantize``): it mutates torch
+modules and global state, prints a great deal, can crash hard, and the very same entry point is what a
+remote executor runs as a job. The child's last line is a JSON result so the parent can classify a
+failure without parsing tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_day0.checkpoint.recipes import Recipe, resolve_recipe
+from pytest_day0.failures import Day0Error, FailureClass
+
+RESULT_PREFIX = "DAY0_RESULT "
+DONE_MARKER = "day0_ptq.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
+                   "added_tokens.json")
+# ModelOpt refuses a recipe whose patterns match no module; that is the model's shape, not a crash.
+_UNSUPPORTED_SIGNS = ("no weight quantizer is enabled", "patterns do not match")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    checkpoint: Path
+    engine: str
+    recipe: str
+    wall_s: float
+    reused: bool
+    log_path: Path | None
+
+
+def _classify(exc: BaseException) -> FailureClass:
+    text = str(exc)
+    if any(sign in text for sign in _UNSUPPORTED_SIGNS):
+        return FailureClass.MODEL_UNSUPPORTED
+    if isinstance(exc, (OSError, ValueError)) and ("config.json" in text or "does not appear to have" in text):
+        return FailureClass.USER_CONFIG_ERROR
+    if isinstance(exc, MemoryError):
+        return FailureClass.INFRA_TRANSIENT
+    return FailureClass.UNKNOWN
+
+
+def calibration_batches(tokenizer: Any, text: str, samples: int, seq_len: int) -> list[Any]:
+    """Line-aligned chunks of the shipped calibration text, so every batch looks like task text."""
+    import torch
+
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    chunks: list[str] = []
+    current = ""
+    for line in lines:
+        if current and len(current) + len(line) + 1 > seq_len:
+            chunks.append(current)
+            current = ""
+        current += line + "\n"
+        if len(chunks) >= samples:
+            break
+    if current and len(chunks) < samples:
+        chunks.append(current)
+    batches = []
+    for chunk in chunks:
+        ids = tokenizer(chunk, return_tensors="pt").input_ids[:, :seq_len]
+        batches.append(ids.to(torch.long))
+    return batches
+
+
+def run_modelopt_ptq(source: Path, recipe: Recipe, export_dir: Path, calibration_text: str, calib_size: int,
+                     calib_seq: int) -> dict[str, Any]:
+    """The child-process body: load, calibrate, quantize, export. Heavy imports stay in here."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+
+    torch.manual_seed(0)
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.eval()
+    if not getattr(model.config, "architectures", None):  # ModelOpt's export iterates it
+        model.config.architectures = [type(model).__name__]
+    batches = calibration_batches(tokenizer, calibration_text, calib_size, calib_seq)
+    if not batches:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, "calibration text is empty")
+
+    def forward_loop(m: Any) -> None:
+        with torch.no_grad():
+            for ids in batches:
+                m(input_ids=ids)
+
+    config = getattr(mtq, recipe.mtq_config)
+    print(f"[day0] quantizing {source} with {recipe.name} ({recipe.mtq_config}), {len(batches)} calibration batches",
+          flush=True)
+    model = mtq.quantize(model, config, forward_loop)
+    mtq.print_quant_summary(model) if hasattr(mtq, "print_quant_summary") else None
+    export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
+    # Tokenizer files travel with the checkpoint byte for byte: re-saving them through transformers rewrites
+    # them (runtime truncation state, a moved chat template), which users would get as a different tokenizer.
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, export_dir / name)
+    return {"seconds": round(time.time() - started, 3)}
+
+
+def _child_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="ModelOpt PTQ + HF export (pytest-day0's quantize job)")
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--export-path", required=True, type=Path)
+    parser.add_argument("--calibration", required=True, type=Path)
+    parser.add_argument("--calib-size", type=int, default=64)
+    parser.add_argument("--calib-seq", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        recipe = resolve_recipe(args.recipe)
+        info = run_modelopt_ptq(args.model, recipe, args.export_path, args.calibration.read_text(), args.calib_size,
+                                args.calib_seq)
+        print(RESULT_PREFIX + json.dumps({"ok": True, **info}), flush=True)
+        return 0
+    except Day0Error as exc:
+        print(RESULT_PREFIX + json.dumps({"ok": False, "failure_class": exc.failure_class, "message": exc.message}),
+              flush=True)
+        return 3
+    except Exception as exc:  # classified for the parent; the traceback stays in the log for humans
+        import traceback
+
+        traceback.print_exc()
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        print(RESULT_PREFIX + json.dumps({"ok": False, "failure_class": _classify(exc), "message": message}),
+              flush=True)
+        return 3
+
+
+def _last_result(log_path: Path) -> dict[str, Any] | None:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith(RESULT_PREFIX):
+            parsed: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
+            return parsed
+    return None
+
+
+def log_tail(log_path: Path, lines: int = 20) -> list[str]:
+    try:
+        text = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [ln for ln in text if ln.strip() and not ln.startswith(RESULT_PREFIX)][-lines:]
+
+
+def is_finished(checkpoint: Path) -> bool:
+    return (checkpoint / DONE_MARKER).is_file()
+
+
+def quantize_modelopt(
+    source: Path,
+    recipe: Recipe,
+    out_dir: Path,
+    calibration: Path,
+    *,
+    calib_size: int = 64,
+    calib_seq: int = 64,
+    timeout_s: float = 3600,
+    on_line: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Run ModelOpt PTQ into ``out_dir`` (atomically: a half-written export is never taken for a finished one)."""
+    if is_finished(out_dir):
+        return QuantizeResult(out_dir, "modelopt", recipe.name, 0.0, True, out_dir.parent / f"{out_dir.name}.log")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    log_path = out_dir.parent / f"{out_dir.name}.log"
+    cmd = [sys.executable, "-m", "pytest_day0.stages.quantize", "--model", str(source), "--recipe", recipe.name,
+           "--export-path", str(staging), "--calibration", str(calibration), "--calib-size", str(calib_size),
+           "--calib-seq", str(calib_seq)]
+    started = time.time()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line is not None and not line.startswith(RESULT_PREFIX):
+                    on_line(line.rstrip("\n"))
+                if time.time() - started > timeout_s:
+                    proc.kill()
+                    break
+            proc.wait(timeout=max(1.0, timeout_s - (time.time() - started)))
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    wall = time.time() - started
+    result = _last_result(log_path)
+    if proc.returncode != 0 or not result or not result.get("ok"):
+        shutil.rmtree(staging, ignore_errors=True)
+        if result and not result.get("ok"):
+            raise Day0Error(FailureClass(result["failure_class"]), f"PTQ {recipe.name}: {result['message']}",
+                            log=str(log_path))
+        if wall > timeout_s:
+            raise Day0Error(FailureClass.INFRA_TRANSIENT, f"PTQ {recipe.name} timed out after {timeout_s:.0f}s")
+        tail = log_tail(log_path, 1)
+        raise Day0Error(FailureClass.UNKNOWN,
+                        f"PTQ {recipe.name} exited {proc.returncode}: {tail[-1] if tail else 'no output'}",
+                        log=str(log_path))
+    (staging / DONE_MARKER).write_text(json.dumps(
+        {"engine": "modelopt", "recipe": recipe.name, "source": str(source), "seconds": round(wall, 3),
+         "modelopt_version": _modelopt_version()}, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+    return QuantizeResult(out_dir, "modelopt", recipe.name, wall, False, log_path)
+
+
+def use_existing(checkpoint: Path, recipe: Recipe) -> QuantizeResult:
+    """Engine ``existing``: somebody already quantized it; we only gate it."""
+    if not (checkpoint / "config.json").is_file():
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"--day0-checkpoint {checkpoint} has no config.json")
+    return QuantizeResult(checkpoint, "existing", recipe.name, 0.0, True, None)
+
+
+def _modelopt_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-modelopt")
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -1,0 +1,111 @@
+"""The run's workspace: content-keyed directories, atomic writes, cross-process locks, an event log.
+
+Under pytest-xdist several processes share one workspace; a stage runs once because whoever takes its
+lock first does the work and leaves a finished artifact that the others find.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """A reader never sees half a file: write beside it, fsync, rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """Identity of a checkpoint without reading its tensors: config files hashed, weight files by size+mtime."""
+    parts: list[object] = []
+    for child in sorted(path.iterdir()):
+        if child.is_file():
+            if child.suffix == ".json" or child.name.endswith(".jinja"):
+                parts.append((child.name, file_digest(child)))
+            elif child.suffix in {".safetensors", ".bin", ".pt"}:
+                st = child.stat()
+                parts.append((child.name, st.st_size, int(st.st_mtime)))
+    return digest(str(path), parts)
+
+
+class Workspace:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / ".locks").mkdir(exist_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @contextmanager
+    def lock(self, name: str, timeout_s: float = -1) -> Iterator[None]:
+        with FileLock(str(self.root / ".locks" / f"{name}.lock"), timeout=timeout_s):
+            yield
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append-only log of what actually ran (PTQ runs, server starts): proof of run-once under xdist."""
+        line = json.dumps({"event": kind, "time": round(time.time(), 3), "pid": os.getpid(), **fields}, default=str)
+        with self.lock("events"), (self.root / "events.jsonl").open("a") as fh:
+            fh.write(line + "\n")
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        path = self.root / "events.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if kind is None or rec.get("event") == kind:
+                out.append(rec)
+        return out
