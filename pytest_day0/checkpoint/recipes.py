@@ -52,9 +52,12 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("fp8", "FP8_DEFAULT_CFG", Precision.FP8, Scope.ALL_LINEAR, 8, True),
-        Recipe("fp8_per_channel_per_token", "FP8_PER_CHANNEL_PER_TOKEN_CFG", Precision.FP8, Scope.ALL_LINEAR, 8, True),
         Recipe(
-            "fp8_2d_blockwise_weight_only", "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", Precision.FP8, Scope.ALL_LINEAR, 8, False
+            "fp8_per_channel_per_token", "FP8_PER_CHANNEL_PER_TOKEN_CFG", Precision.FP8, Scope.ALL_LINEAR, 8, True
+        ),
+        Recipe(
+            "fp8_2d_blockwise_weight_only", "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", Precision.FP8, Scope.ALL_LINEAR, 8,
+            False,
         ),
         Recipe("mxfp8", "MXFP8_DEFAULT_CFG", Precision.MXFP8, Scope.ALL_LINEAR, 8, True),
         Recipe("nvfp4", "NVFP4_DEFAULT_CFG", Precision.NVFP4, Scope.ALL_LINEAR, 4, True),

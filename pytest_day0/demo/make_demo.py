@@ -184,7 +184,7 @@ def train(seed: int, steps: int, batch: int, lr: float, log_every: int) -> Any:
 
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=VOCAB_SIZE,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -214,7 +214,7 @@ def train(seed: int, steps: int, batch: int, lr: float, log_every: int) -> Any:
         ids_batch, labels_batch = [], []
         for _ in range(batch):
             prompt, answer = training_example(rng, held_out)
-            p, a = [1] + encode(prompt), encode(answer)
+            p, a = [1, *encode(prompt)], encode(answer)
             ids_batch.append(p + a)
             labels_batch.append([-100] * len(p) + a)
         width = max(len(x) for x in ids_batch)
@@ -228,8 +228,9 @@ def train(seed: int, steps: int, batch: int, lr: float, log_every: int) -> Any:
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            print(f"step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - started:.0f}s", flush=True)
-    model.eval()
+            elapsed = time.time() - started
+            print(f"step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {elapsed:.0f}s", flush=True)
+    model.eval()  # type: ignore[no-untyped-call]
     return model
 
 
@@ -242,7 +243,7 @@ def teacher_forced_accuracy(model: Any, sets: dict[str, list[dict[str, Any]]]) -
         good = 0
         for row in rows:
             answer = (row["choices"][row["target"]] if "choices" in row else row["target"]) + "\n"
-            p, a = [1] + encode(row["prompt"]), encode(answer)
+            p, a = [1, *encode(row["prompt"])], encode(answer)
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([p + a])).logits[0]
             pred = logits[len(p) - 1 : len(p) + len(a) - 1].argmax(-1).tolist()

@@ -63,9 +63,9 @@ class Sample(BaseModel):
 
     @model_validator(mode="after")
     def _target_fits(self) -> Sample:
-        if self.choices is not None:
-            if not isinstance(self.target, int) or not 0 <= self.target < len(self.choices):
-                raise ValueError(f"target must index choices (0..{len(self.choices) - 1})")
+        bad_index = not isinstance(self.target, int) or not 0 <= self.target < len(self.choices or ())
+        if self.choices is not None and bad_index:
+            raise ValueError(f"target must index choices (0..{len(self.choices) - 1})")
         return self
 
 

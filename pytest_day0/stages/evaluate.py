@@ -304,6 +304,10 @@ async def evaluate_task(
                 finally:
                     st.requests, st.retries = client.requests_sent, client.retries
     ordered = [final[s.id] for s in task.samples if s.id in final]
+    # Records of samples outside this run's set (a --day0-limit run after a full one) are kept, not lost:
+    # a later run over more samples reuses them.
+    current = {s.id for s in task.samples}
+    ordered += [rec for sid, rec in existing.items() if sid not in current and is_scored(rec)]
     try:
         _write_compacted(path, ordered)
     except OSError as exc:

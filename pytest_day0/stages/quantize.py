@@ -79,17 +79,16 @@ def calibration_batches(tokenizer: Any, text: str, samples: int, seq_len: int) -
 def run_modelopt_ptq(source: Path, recipe: Recipe, export_dir: Path, calibration_text: str, calib_size: int,
                      calib_seq: int) -> dict[str, Any]:
     """The child-process body: load, calibrate, quantize, export. Heavy imports stay in here."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     if not getattr(model.config, "architectures", None):  # ModelOpt's export iterates it
         model.config.architectures = [type(model).__name__]
     batches = calibration_batches(tokenizer, calibration_text, calib_size, calib_seq)
