@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pytest_day0.failures import Day0Error, FailureClass
 from pytest_day0.gates.compare import TaskComparison
 from pytest_day0.verdict import SessionVerdict
+from pytest_day0.workspace import atomic_write_text
 
 SCHEMA = "pytest-day0/verdict/v1"
 
@@ -81,18 +81,8 @@ def write_verdict_json(
 ) -> Path:
     """Write the document atomically; ``extra`` values that JSON cannot hold are written as strings."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(verdict_document(session_verdict, comparisons, extra), indent=2, default=str, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, text + "\n")
     return target
 
 
