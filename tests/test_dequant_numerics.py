@@ -326,3 +326,36 @@ def test_unservable_checkpoint_is_classified(nvfp4: Nvfp4Case, tmp_path: Path) -
     with pytest.raises(Day0Error) as err:
         dequant.load_checkpoint(broken)
     assert err.value.failure_class is FailureClass.CHECKPOINT_NOT_SERVABLE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="ModelOpt 0.47's NVFP4 fake-quant forward needs CUDA: runs where a GPU is present")
+@pytest.mark.parametrize("cfg_name", ["NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG"])
+def test_nvfp4_emulation_matches_modelopt_fake_quant_on_cuda(
+    cfg_name: str, base_model: Any, eval_ids: torch.Tensor, tmp_path: Path, record_property: Any
+) -> None:
+    """On a GPU, the CPU emulation of an exported NVFP4 checkpoint equals ModelOpt's own CUDA fake-quant forward."""
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    calib = torch.randint(4, 128, (8, 32), generator=torch.Generator().manual_seed(2)).cuda()
+
+    def forward_loop(m: Any) -> None:
+        for i in range(0, len(calib), 4):
+            m(calib[i: i + 4])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = mtq.quantize(copy.deepcopy(base_model).cuda(), getattr(mtq, cfg_name), forward_loop)
+        with torch.no_grad():
+            unquantized = base_model(eval_ids).logits.float()
+            reference_model = copy.deepcopy(quantized)
+            requantize_resmooth_fused_llm_layers(reference_model)
+            reference = reference_model(eval_ids.cuda()).logits.float().cpu()
+    ckpt = _export(quantized, tmp_path / "nvfp4")
+    with torch.no_grad():
+        ours = dequant.load_checkpoint(ckpt).model(eval_ids).logits.float()
+    max_abs = (ours - reference).abs().max().item()
+    record_property("max_abs_logit_diff", max_abs)
+    print(f"{cfg_name}: max |logit diff| vs ModelOpt CUDA fake quant = {max_abs:.3g}")
+    assert max_abs <= LOGIT_ATOL
+    assert (reference - unquantized).abs().max().item() > 100 * LOGIT_ATOL
