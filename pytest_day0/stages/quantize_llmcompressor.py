@@ -1,0 +1,263 @@
+"""Quantize engine ``llmcompressor``: llm-compressor's ``oneshot``, saved compressed (compressed-tensors).
+
+Like the ModelOpt engine it runs as a child process (``python -m pytest_day0.stages.quantize_llmcompressor``),
+here in the engines' own environment (see :mod:`pytest_day0.stages.engines_env`): llm-compressor pins a
+transformers that ModelOpt's environment must not get. The child's last line is ``DAY0_RESULT {json}``.
+
+Algorithms per preset scheme, the ones llm-compressor's examples use and that run on a CPU:
+W8A8 = SmoothQuant (0.8) + GPTQ, W4A16 / W8A16 = GPTQ, FP8_DYNAMIC = round-to-nearest (no calibration needed).
+``lm_head`` stays in 16 bits, as ModelOpt leaves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pytest_day0.checkpoint.recipes import Recipe, resolve_recipe
+from pytest_day0.engines import QuantizeEngine, QuantizeRequest
+from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.stages.engines_env import child_env, engines_python, require_module
+from pytest_day0.stages.quantize import (
+    DONE_MARKER,
+    RESULT_PREFIX,
+    TOKENIZER_FILES,
+    QuantizeResult,
+    _last_result,
+    calibration_batches,
+    is_finished,
+    log_tail,
+)
+
+ENGINE_NAME = "llmcompressor"
+CHILD_MODULE = "pytest_day0.stages.quantize_llmcompressor"
+IGNORE = ("lm_head",)
+SMOOTHING_STRENGTH = 0.8
+
+
+def modifiers_for(scheme: str) -> list[tuple[str, dict[str, Any]]]:
+    """The oneshot recipe for a preset scheme, as (modifier class, kwargs): pure, so it is testable without torch."""
+    quant = {"targets": "Linear", "scheme": scheme, "ignore": list(IGNORE)}
+    if scheme == "FP8_DYNAMIC":
+        return [("QuantizationModifier", quant)]
+    if scheme == "W8A8":
+        return [("SmoothQuantModifier", {"smoothing_strength": SMOOTHING_STRENGTH}), ("GPTQModifier", quant)]
+    return [("GPTQModifier", quant)]
+
+
+def _modifier(cls_name: str, kwargs: dict[str, Any]) -> Any:
+    if cls_name == "SmoothQuantModifier":
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        return SmoothQuantModifier(**kwargs)
+    if cls_name == "GPTQModifier":
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        return GPTQModifier(**kwargs)
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    return QuantizationModifier(**kwargs)
+
+
+def run_oneshot(source: Path, recipe: Recipe, export_dir: Path, calibration_text: str, calib_size: int,
+                calib_seq: int) -> dict[str, Any]:
+    """The child-process body: load in bf16, calibrate on the shipped text, oneshot, save compressed."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    batches = calibration_batches(tokenizer, calibration_text, calib_size, calib_seq)
+    if not batches:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, "calibration text is empty")
+    dataset = Dataset.from_dict({"input_ids": [ids[0].tolist() for ids in batches]})
+    modifiers = [_modifier(cls, kwargs) for cls, kwargs in modifiers_for(recipe.scheme)]
+    print(f"[day0] llm-compressor {recipe.scheme} on {source}: "
+          f"{', '.join(cls for cls, _ in modifiers_for(recipe.scheme))}, {len(batches)} calibration samples",
+          flush=True)
+    oneshot(model=model, dataset=dataset, recipe=modifiers, max_seq_length=calib_seq,
+            num_calibration_samples=len(batches))
+    model.save_pretrained(export_dir, save_compressed=True)
+    # Tokenizer files travel byte for byte (re-saving through transformers rewrites them).
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, export_dir / name)
+    return {"seconds": round(time.time() - started, 3)}
+
+
+def _classify(exc: BaseException) -> FailureClass:
+    text = str(exc).lower()
+    if "no modules" in text or "did not match" in text or "not supported" in text:
+        return FailureClass.MODEL_UNSUPPORTED
+    if isinstance(exc, MemoryError):
+        return FailureClass.INFRA_TRANSIENT
+    return FailureClass.UNKNOWN
+
+
+def _child_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="llm-compressor oneshot (pytest-day0's quantize job)")
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--export-path", required=True, type=Path)
+    parser.add_argument("--calibration", required=True, type=Path)
+    parser.add_argument("--calib-size", type=int, default=64)
+    parser.add_argument("--calib-seq", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        recipe = resolve_recipe(args.recipe)
+        if ENGINE_NAME not in recipe.engines:
+            raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"llm-compressor does not make recipe {recipe.name}")
+        info = run_oneshot(args.model, recipe, args.export_path, args.calibration.read_text(), args.calib_size,
+                           args.calib_seq)
+        print(RESULT_PREFIX + json.dumps({"ok": True, **info}), flush=True)
+        return 0
+    except Day0Error as exc:
+        print(RESULT_PREFIX + json.dumps({"ok": False, "failure_class": exc.failure_class, "message": exc.message}),
+              flush=True)
+        return 3
+    except Exception as exc:  # classified for the parent; the traceback stays in the log for humans
+        import traceback
+
+        traceback.print_exc()
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        print(RESULT_PREFIX + json.dumps({"ok": False, "failure_class": _classify(exc), "message": message}),
+              flush=True)
+        return 3
+
+
+def llmcompressor_version(python: str | None = None) -> str | None:
+    """Goes into the checkpoint cache key: read from the engines' environment without importing the package."""
+    return _installed_version(engines_python(python))
+
+
+@functools.cache  # the cache key is asked for many times a session; the answer cannot change within one
+def _installed_version(python: str) -> str | None:
+    try:
+        done = subprocess.run(
+            [python, "-c",
+             "import importlib.metadata as m; print(m.version('llmcompressor'), m.version('compressed-tensors'))"],
+            capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0 or not done.stdout.strip():
+        return None
+    return done.stdout.strip().replace(" ", "+")
+
+
+def quantize_llmcompressor(
+    source: Path,
+    recipe: Recipe,
+    out_dir: Path,
+    calibration: Path,
+    *,
+    calib_size: int = 64,
+    calib_seq: int = 64,
+    timeout_s: float = 3600,
+    python: str | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Run oneshot into ``out_dir`` (staged, then renamed: a half-written export is never taken for a finished one)."""
+    if ENGINE_NAME not in recipe.engines:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"llm-compressor does not make recipe {recipe.name}; "
+                        "it makes w8a8, w4a16, w8a16, fp8_dynamic")
+    if is_finished(out_dir):
+        return QuantizeResult(out_dir, ENGINE_NAME, recipe.name, 0.0, True, out_dir.parent / f"{out_dir.name}.log")
+    python = engines_python(python)
+    require_module(python, "llmcompressor", "llmcompressor quantize engine")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    log_path = out_dir.parent / f"{out_dir.name}.log"
+    cmd = [python, "-m", CHILD_MODULE, "--model", str(source), "--recipe", recipe.name, "--export-path", str(staging),
+           "--calibration", str(calibration), "--calib-size", str(calib_size), "--calib-seq", str(calib_seq)]
+    started = time.time()
+    timed_out = False
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def pump() -> None:  # on its own thread, so a child that hangs silently still meets the timeout
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line is not None and not line.startswith(RESULT_PREFIX):
+                    on_line(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        except BaseException:
+            _kill(proc)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if timed_out:
+            _kill(proc)
+        reader.join(timeout=10)
+    wall = time.time() - started
+    result = _last_result(log_path)
+    if timed_out or proc.returncode != 0 or not result or not result.get("ok"):
+        shutil.rmtree(staging, ignore_errors=True)
+        if timed_out:
+            raise Day0Error(FailureClass.INFRA_TRANSIENT, f"llm-compressor {recipe.name} timed out after "
+                            f"{timeout_s:.0f}s", log=str(log_path))
+        if result and not result.get("ok"):
+            raise Day0Error(FailureClass(result["failure_class"]), f"llm-compressor {recipe.name}: {result['message']}",
+                            log=str(log_path))
+        tail = log_tail(log_path, 1)
+        raise Day0Error(FailureClass.UNKNOWN, f"llm-compressor {recipe.name} exited {proc.returncode}: "
+                        f"{tail[-1] if tail else 'no output'}", log=str(log_path))
+    (staging / DONE_MARKER).write_text(json.dumps(
+        {"engine": ENGINE_NAME, "recipe": recipe.name, "scheme": recipe.scheme, "source": str(source),
+         "seconds": round(wall, 3), "llmcompressor_version": llmcompressor_version(python)}, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+    return QuantizeResult(out_dir, ENGINE_NAME, recipe.name, wall, False, log_path)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _run(request: QuantizeRequest) -> QuantizeResult:
+    return quantize_llmcompressor(request.source, request.recipe, request.out_dir, request.calibration,
+                                  calib_size=request.calib_size, timeout_s=request.timeout_s,
+                                  python=getattr(request.config, "vllm_python", None), on_line=request.on_line)
+
+
+def _supports(recipe: Recipe) -> bool:
+    return ENGINE_NAME in recipe.engines
+
+
+def _version(config: Any) -> str | None:
+    return llmcompressor_version(getattr(config, "vllm_python", None))
+
+
+ENGINE = QuantizeEngine(ENGINE_NAME, _run, _supports, _version,
+                        "llm-compressor oneshot, saved as compressed-tensors (in the engines' environment)")
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
