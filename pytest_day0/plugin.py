@@ -6,6 +6,7 @@ formatting in ``report/``; this module moves their inputs and outputs between py
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ WARNED = "warned"
 class SessionState:
     """What the controller (or the only process) accumulates for the verdict and the reports."""
 
-    def __init__(self, config: RunConfig, session_id: str, task_names: list[str]) -> None:
+    def __init__(self, config: RunConfig, session_id: str, task_names: list[str], owner_pid: int) -> None:
         self.config = config
         self.session_id = session_id
+        self.owner_pid = owner_pid  # the process that lives as long as the session (xdist: the controller)
         self.task_names = task_names
         self.outcomes: list[Any] = []
         self.chain: Any = None
@@ -51,8 +53,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(option.flag, choices=option.choices, default=None, dest=f"day0_{option.name}",
                             help=option.help + f" (default {option.default})" + env_note)
         else:
+            # No argparse type: numbers are validated with everything else in build_config, so a bad value is
+            # one USER_CONFIG_ERROR line (argparse would print a multi-line usage dump instead).
             group.addoption(option.flag, default=None, dest=f"day0_{option.name}",
-                            type={"int": int, "float": float}.get(option.kind, str),
                             help=option.help + (f" (default {option.default})" if option.default is not None else "")
                             + env_note)
 
@@ -81,12 +84,19 @@ def pytest_configure(config: pytest.Config) -> None:
     from pytest_day0.scoring.tasks import load_task
 
     try:
-        names = [load_task(t, run.limit).name for t in run.tasks]
+        if run.eval == "lm-eval":  # the tasks are whatever the baseline's lm-eval results logged samples for
+            from pytest_day0.scoring.lm_eval import task_names
+
+            assert run.lm_eval_baseline is not None
+            names = task_names(run.lm_eval_baseline, run.tasks)
+        else:
+            names = [load_task(t, run.limit).name for t in run.tasks]
     except Day0Error as exc:
         raise pytest.UsageError(str(exc)) from None
     workerinput = getattr(config, "workerinput", None)
     session_id = workerinput["day0_session"] if workerinput else uuid.uuid4().hex[:12]
-    config.stash[STATE_KEY] = SessionState(run, session_id, names)
+    owner_pid = int(workerinput["day0_owner_pid"]) if workerinput else os.getpid()
+    config.stash[STATE_KEY] = SessionState(run, session_id, names, owner_pid)
 
 
 def pytest_configure_node(node: Any) -> None:
@@ -94,6 +104,7 @@ def pytest_configure_node(node: Any) -> None:
     state = node.config.stash.get(STATE_KEY, None)
     if state is not None:
         node.workerinput["day0_session"] = state.session_id
+        node.workerinput["day0_owner_pid"] = state.owner_pid
 
 
 def _is_controller(config: pytest.Config) -> bool:
@@ -110,8 +121,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if state is None:
         return
     module = pytest.Module.from_parent(session, path=SUITE_PATH, nodeid=SUITE_NODEID)
-    suite_items = [item for item in session.genitems(module) if isinstance(item, pytest.Item)]
-    from pytest_day0.release.suite import GATES, TIERS
+    from pytest_day0.release.suite import GATES, TIERS, collected
+
+    suite_items = [item for item in session.genitems(module) if isinstance(item, pytest.Item)
+                   and collected(item, state.config)]
 
     for item in suite_items:
         gate = GATES.get(getattr(item, "originalname", item.name), "")
@@ -140,7 +153,8 @@ def _chain(request: pytest.FixtureRequest) -> Any:
 
     state = _state(request)
     if state.chain is None:
-        state.chain = ReleaseChain(state.config, state.session_id, progress=_progress_writer(request.config))
+        state.chain = ReleaseChain(state.config, state.session_id, progress=_progress_writer(request.config),
+                                   owner_pid=state.owner_pid)
     return state.chain
 
 
@@ -159,7 +173,7 @@ def day0_chain(request: pytest.FixtureRequest) -> Any:
 @pytest.fixture(scope="session")
 def day0_source_checkpoint(day0_chain: Any) -> Path:
     """The resolved source (baseline) checkpoint directory."""
-    return _or_skip(day0_chain.source)
+    return Path(_or_skip(day0_chain.source))
 
 
 @pytest.fixture(scope="session")
@@ -217,11 +231,20 @@ def _progress_writer(config: pytest.Config) -> Any:
             return
         if capture is not None:
             with capture.global_and_fixture_disabled():
-                reporter.write_line(line)
+                _own_line(reporter, line)
         else:
-            reporter.write_line(line)
+            _own_line(reporter, line)
 
     return write
+
+
+def _own_line(reporter: Any, line: str) -> None:
+    """write_line ends a `file ...` progress line but not a bare `-q` row of dots: end that one too."""
+    reporter.ensure_newline()
+    tw = getattr(reporter, "_tw", None)
+    if tw is not None and tw.width_of_current_line:
+        reporter.write("\n")
+    reporter.write_line(line)
 
 
 # ---------------------------------------------------------------------- reports
@@ -257,7 +280,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.longrepr = message + (f"\n{detail}" if detail else "")
             item.user_properties.append(("day0_status", "failed"))
             if exc.failure_class is FailureClass.SYSTEMIC:
-                item.session.shouldstop = message
+                # shouldfail, not shouldstop: pytest maps shouldstop to exit 2 ("interrupted by the user");
+                # a systemic failure is a failed test (exit 1), as in the verdict's exit status.
+                item.session.shouldfail = message
     elif report.when in ("setup", "call") and report.skipped and _prop(item, "day0_gate") is not None:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
@@ -303,20 +328,30 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _CONFIG["config"] = session.config
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
+    """Before every other sessionfinish: pytest-json-report's (itself tryfirst) embeds the verdict there."""
+    _finish_session(session)
+    return (yield)
+
+
+def _finish_session(session: pytest.Session) -> None:
     config = session.config
     state = config.stash.get(STATE_KEY, None)
-    if state is None:
-        return
-    if not _is_controller(config):
+    if state is None or not _is_controller(config):
         return
     from pytest_day0.release.chain import ReleaseChain
     from pytest_day0.report import session_report
 
     chain = state.chain or ReleaseChain(state.config, state.session_id)
     state.stopped_servers = chain.stop_servers()
+    if config.option.collectonly:  # nothing ran: no verdict, and the last real verdict.json stays
+        return
     state.session_verdict = session_report.finish(state, config)
+    systemic = any(o.status == "failed" and o.failure_class is FailureClass.SYSTEMIC for o in state.outcomes)
+    if systemic and session.exitstatus == pytest.ExitCode.INTERRUPTED:
+        # pytest-xdist turns a worker's shouldfail into an interruption; the run failed, nobody interrupted it.
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

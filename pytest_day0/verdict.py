@@ -2,7 +2,8 @@
 
 Pure: takes GateOutcome records, returns pydantic models; the plugin prints and writes them.
 
-How each failure class decides a recipe (the highest row that matches wins). A *warned* outcome counts like a
+How each failure class decides a recipe (the highest row that matches wins: INFEASIBLE > ANOMALOUS > REGRESSION >
+INCONCLUSIVE > ACCEPT). A *warned* outcome counts like a
 failed one — the tier decides the exit status, not what the release is; a skipped outcome counts when it carries
 its upstream cause.
 
@@ -11,12 +12,13 @@ decision     classes                                                why
 ===========  =====================================================  =============================================
 INFEASIBLE   MODEL_UNSUPPORTED, QUANT_COVERAGE_FAILURE,             the model+recipe cannot work as asked;
              CHECKPOINT_NOT_SERVABLE (``INFEASIBLE_CLASSES``)       re-running changes nothing
-ANOMALOUS    SYSTEMIC, UNKNOWN, ANOMALOUS, INCONCLUSIVE,            no trustworthy measurement: a human (or a
+ANOMALOUS    SYSTEMIC, UNKNOWN, ANOMALOUS,                          no trustworthy measurement: a human (or a
              SAMPLE_ACCOUNTING_FAILED, EVAL_JUDGE_FAILED,           re-run) must look first. Outranks REGRESSION:
              INFRA_TRANSIENT, DEPLOYMENT_HEALTH_FAILED,             a broken measurement can fake a regression.
              EXTERNAL_BASELINE_MISMATCH, USER_CONFIG_ERROR;         A floor/quality gate skipped with no cause,
              a classless skipped floor/quality gate; no passed      or no comparison at all, is no evidence of
-             floor/quality gate at all                              quality.
+             floor/quality gate at all (both reported with class    quality.
+             INCONCLUSIVE: nothing was measured)
 REGRESSION   CATASTROPHIC_REGRESSION, REGRESSION,                   a measured, reproducible defect of this
              VERBOSITY_EXCEEDED, SIZE_NOT_REDUCED,                  candidate: worse scores, longer answers, no
              METADATA_MISMATCH                                      size gain (the only reason to quantize), or a
@@ -24,6 +26,12 @@ REGRESSION   CATASTROPHIC_REGRESSION, REGRESSION,                   a measured, 
                                                                     unlike the source's (users would get another
                                                                     model). Not INFEASIBLE: another export of the
                                                                     same recipe may pass.
+INCONCLUSIVE INCONCLUSIVE (a quality interval straddles the         measured, but too few samples to tell a drop
+             threshold; a published-baseline interval straddles     within the threshold from one beyond it. Below
+             the tolerance)                                         REGRESSION: evidence of a defect on another
+                                                                    task decides first. Recommendation: "evaluate
+                                                                    more samples: N" (the largest N the gates
+                                                                    estimated). Warn tier: exit 0.
 ACCEPT       (nothing above)                                        publish
 ===========  =====================================================  =============================================
 
@@ -41,14 +49,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pytest_day0.failures import INFEASIBLE_CLASSES, FailureClass
 from pytest_day0.gates.outcome import GateOutcome
 
-ReleaseDecision = Literal["ACCEPT", "REGRESSION", "ANOMALOUS", "INFEASIBLE"]
+ReleaseDecision = Literal["ACCEPT", "INCONCLUSIVE", "REGRESSION", "ANOMALOUS", "INFEASIBLE"]
 
 ANOMALOUS_CLASSES = frozenset(
     {
         FailureClass.SYSTEMIC,
         FailureClass.UNKNOWN,
         FailureClass.ANOMALOUS,
-        FailureClass.INCONCLUSIVE,
         FailureClass.SAMPLE_ACCOUNTING_FAILED,
         FailureClass.EVAL_JUDGE_FAILED,
         FailureClass.INFRA_TRANSIENT,
@@ -66,13 +73,15 @@ REGRESSION_CLASSES = frozenset(
         FailureClass.METADATA_MISMATCH,
     }
 )
+INCONCLUSIVE_CLASSES = frozenset({FailureClass.INCONCLUSIVE})
 # Every class decides something: a class added to failures.py without a row here fails the test suite.
 CLASS_DECISION: dict[FailureClass, ReleaseDecision] = {
     **{c: "INFEASIBLE" for c in INFEASIBLE_CLASSES},
     **{c: "ANOMALOUS" for c in ANOMALOUS_CLASSES},
     **{c: "REGRESSION" for c in REGRESSION_CLASSES},
+    **{c: "INCONCLUSIVE" for c in INCONCLUSIVE_CLASSES},
 }
-_RANK: dict[ReleaseDecision, int] = {"INFEASIBLE": 3, "ANOMALOUS": 2, "REGRESSION": 1, "ACCEPT": 0}
+_RANK: dict[ReleaseDecision, int] = {"INFEASIBLE": 4, "ANOMALOUS": 3, "REGRESSION": 2, "INCONCLUSIVE": 1, "ACCEPT": 0}
 COMPARISON_GATES = frozenset({"floor", "quality"})
 _TASK_REGRESSIONS = frozenset({FailureClass.CATASTROPHIC_REGRESSION, FailureClass.REGRESSION})
 
@@ -84,6 +93,8 @@ class Verdict(BaseModel):
     decision: ReleaseDecision
     reasons: list[str] = Field(default_factory=list)  # one line per outcome that was not a plain pass
     regressed_tasks: list[str] = Field(default_factory=list)
+    inconclusive_tasks: list[str] = Field(default_factory=list)
+    samples_needed: int | None = None  # the most samples an inconclusive gate asked for (None: none could say)
     failure_classes: list[FailureClass] = Field(default_factory=list)
     size_ratio: float | None = None  # candidate bytes / source bytes
     recommendation: str
@@ -127,6 +138,8 @@ def decide(
     reasons: list[str] = []
     classes: set[FailureClass] = set()
     regressed: list[str] = []
+    inconclusive: list[str] = []
+    needed: list[int] = []
     first: dict[ReleaseDecision, GateOutcome] = {}
     for o in mine:
         if not _counts(o):
@@ -143,6 +156,12 @@ def decide(
             classes.add(cls)
             if cls in _TASK_REGRESSIONS and o.task and o.task not in regressed:
                 regressed.append(o.task)
+            if cls in INCONCLUSIVE_CLASSES and o.status != "skipped":
+                if o.task and o.task not in inconclusive:
+                    inconclusive.append(o.task)
+                n = o.numbers.get("samples_needed")
+                if isinstance(n, int) and not isinstance(n, bool):
+                    needed.append(n)
         first.setdefault(d, o)
         if _RANK[d] > _RANK[decision]:
             decision = d
@@ -160,6 +179,10 @@ def decide(
             what.append(f"quality regressed on {', '.join(regressed)}")
         what += [str(c) for c in sorted(classes & (REGRESSION_CLASSES - _TASK_REGRESSIONS))]
         recommendation = f"do not publish {recipe}: {'; '.join(what)}"
+    elif decision == "INCONCLUSIVE":
+        more = f"evaluate more samples: {max(needed)}" if needed else "evaluate more samples"
+        on = f" (inconclusive on {', '.join(inconclusive)})" if inconclusive else ""
+        recommendation = f"{recipe} is not decided yet: {more}{on}"
     elif decision == "ANOMALOUS":
         an = first.get("ANOMALOUS")
         why = f"{an.failure_class or FailureClass.INCONCLUSIVE} at {_label(an)}" if an else "no comparison ran"
@@ -178,6 +201,8 @@ def decide(
         decision=decision,
         reasons=reasons,
         regressed_tasks=regressed,
+        inconclusive_tasks=inconclusive,
+        samples_needed=max(needed) if needed else None,
         failure_classes=sorted(classes),
         size_ratio=size_ratio,
         recommendation=" ".join(recommendation.split()),

@@ -110,6 +110,40 @@ def test_catastrophic_names_task_once_and_exits_one() -> None:
     assert len(v.reasons) == 2
 
 
+def _inconclusive(task: str, needed: int | None, recipe: str = "fp8") -> GateOutcome:
+    numbers: dict[str, float | int | str | None] = {"samples_needed": needed} if needed is not None else {}
+    return GateOutcome(gate="quality", recipe=recipe, task=task, status="warned", tier=Tier.WARN,
+                       failure_class=FailureClass.INCONCLUSIVE, message="interval straddles", numbers=numbers)
+
+
+def test_inconclusive_is_its_own_decision_and_asks_for_samples() -> None:
+    assert CLASS_DECISION[FailureClass.INCONCLUSIVE] == "INCONCLUSIVE"
+    v = decide("fp8", [*passed(), _inconclusive("gsm_like", 268), _inconclusive("tau_like", 380)], 0.5)
+    assert v.decision == "INCONCLUSIVE" and v.exit_status == 0 and not v.hard_failed
+    assert v.inconclusive_tasks == ["gsm_like", "tau_like"] and v.samples_needed == 380
+    assert v.recommendation == "fp8 is not decided yet: evaluate more samples: 380 (inconclusive on gsm_like, tau_like)"
+    s = decide_session([v])
+    assert s.recommended is None and s.recommendation.startswith("publish none: fp8 is not decided yet")
+    # no estimate (the point sits on the threshold): still a recommendation, without a number
+    assert decide("fp8", [*passed(), _inconclusive("gsm_like", None)], 0.5).recommendation == (
+        "fp8 is not decided yet: evaluate more samples (inconclusive on gsm_like)")
+
+
+def test_inconclusive_priority_between_accept_and_regression() -> None:
+    # INFEASIBLE > ANOMALOUS > REGRESSION > INCONCLUSIVE > ACCEPT
+    base = [*passed(), _inconclusive("tau_like", 100)]
+    assert decide("fp8", base, 0.5).decision == "INCONCLUSIVE"
+    assert decide("fp8", [*base, bad(FailureClass.REGRESSION, "warned", "quality", task="g")], 0.5).decision == \
+        "REGRESSION"
+    assert decide("fp8", [*base, bad(FailureClass.SAMPLE_ACCOUNTING_FAILED, gate="run")], 0.5).decision == "ANOMALOUS"
+    assert decide("fp8", [*base, bad(FailureClass.MODEL_UNSUPPORTED, gate="ptq.coverage")], 0.5).decision == \
+        "INFEASIBLE"
+    # an inconclusive recipe never wins the session over one that ACCEPTs
+    s = decide_session([decide("nvfp4", [*passed("nvfp4"), _inconclusive("t", 10, "nvfp4")], 0.3),
+                        decide("fp8", passed(), 0.5)])
+    assert s.recommended == "fp8" and "nvfp4: INCONCLUSIVE" in s.recommendation
+
+
 def test_no_comparison_is_not_accept() -> None:
     v = decide("fp8", [GateOutcome(gate="ptq.size", recipe="fp8", status="passed")], 0.5)
     assert v.decision == "ANOMALOUS"

@@ -46,6 +46,8 @@ class Recipe:
     scope: Scope
     weight_bits: float  # for SIZE_NOT_REDUCED waivers: a source already this small cannot shrink
     quantizes_activations: bool
+    engines: tuple[str, ...] = ("modelopt",)  # quantize engines that make it (``existing`` gates any recipe)
+    scheme: str = ""  # llm-compressor preset scheme name, for recipes that engine makes
 
 
 RECIPES: dict[str, Recipe] = {
@@ -70,6 +72,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a8_awq_beta", "W4A8_AWQ_BETA_CFG", Precision.INT4, Scope.ALL_LINEAR, 4, True),
         Recipe("int8_smoothquant", "INT8_SMOOTHQUANT_CFG", Precision.INT8, Scope.ALL_LINEAR, 8, True),
         Recipe("int8_wo", "INT8_WEIGHT_ONLY_CFG", Precision.INT8, Scope.ALL_LINEAR, 8, False),
+        # llm-compressor presets, saved as compressed-tensors (lm_head left in 16 bits, as ModelOpt does).
+        Recipe("w8a8", "", Precision.INT8, Scope.ALL_LINEAR, 8, True, ("llmcompressor",), "W8A8"),
+        Recipe("w4a16", "", Precision.INT4, Scope.ALL_LINEAR, 4, False, ("llmcompressor",), "W4A16"),
+        Recipe("w8a16", "", Precision.INT8, Scope.ALL_LINEAR, 8, False, ("llmcompressor",), "W8A16"),
+        Recipe("fp8_dynamic", "", Precision.FP8, Scope.ALL_LINEAR, 8, True, ("llmcompressor",), "FP8_DYNAMIC"),
     )
 }
 

@@ -15,6 +15,15 @@ Three decisions per task (the bicameral two-tier gate plus the ModelOpt anomaly 
 * anomaly — hard tier: gain fraction > ``implausible_gain`` -> ANOMALOUS (a quantized model that got much better
   more likely means the baseline is broken than that quantization helped)
 
+With paired statistics (``compare_task(paired=PairedStats)``, the default of a release session, see
+``stats.py``) every rule reads the interval instead of the point estimate, so no decision rests on noise:
+
+* quality — PASS when the whole interval of the drop is within the threshold, REGRESSION when it is wholly
+  beyond it, else INCONCLUSIVE (warn tier), stating the minimum detectable effect at this n and the samples
+  that would decide
+* floor   — CATASTROPHIC_REGRESSION only when the interval's smallest drop exceeds the floor (evidence)
+* anomaly — ANOMALOUS only when the interval's smallest gain exceeds ``implausible_gain``
+
 Comparisons allow a 1e-9 slack so 84.0 -> 83.0 at a 1-point threshold is "within" despite float rounding.
 """
 
@@ -28,6 +37,13 @@ from pydantic import BaseModel, ConfigDict
 
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
 from pytest_day0.gates.outcome import GateOutcome, Status
+from pytest_day0.gates.stats import (
+    TEST_POINT,
+    PairedStats,
+    interval_side,
+    minimum_detectable_effect,
+    samples_needed,
+)
 from pytest_day0.scoring.records import TaskResult
 from pytest_day0.scoring.tasks import TaskSpec
 
@@ -92,14 +108,43 @@ class ScoreDelta(BaseModel):
     relative: bool
     drop_fraction: float
     gain_fraction: float  # improvement / range, always absolute (as the ModelOpt gate)
+    paired: PairedStats | None = None  # with it, every decision reads the interval below
+    drop_low: float | None = None  # own units: the interval of the drop (smallest, largest)
+    drop_high: float | None = None
+
+    @property
+    def drop_low_fraction(self) -> float:
+        return self.drop_fraction if self.drop_low is None else self.drop_low / self.reference
+
+    @property
+    def drop_high_fraction(self) -> float:
+        return self.drop_fraction if self.drop_high is None else self.drop_high / self.reference
+
+    @property
+    def gain_low_fraction(self) -> float:
+        """The smallest gain the interval allows, as a fraction of the range (anomaly rule)."""
+        return self.gain_fraction if self.drop_high is None else -self.drop_high / (self.scale[1] - self.scale[0])
 
     def describe(self) -> str:
         unit = _unit(self.scale)
+        interval = ""
+        if self.paired is not None and self.drop_low is not None and self.drop_high is not None:
+            p = self.paired
+            width = self.scale[1] - self.scale[0]
+            low = format_score(p.ci_low * width, self.scale, signed=True)
+            high = format_score(p.ci_high * width, self.scale, signed=True)
+            interval = f" [{low}, {high}] {p.interval_level:.0%} CI, n={p.n}"
         return (
             f"{self.task}: candidate {format_score(self.candidate, self.scale)} vs baseline "
             f"{format_score(self.baseline, self.scale)} (Δ {format_score(self.delta, self.scale, signed=True)}"
-            f"{unit} on {format_scale(self.scale)})"
+            f"{unit}{interval} on {format_scale(self.scale)})"
         )
+
+    def test_text(self) -> str:
+        if self.paired is None:
+            return TEST_POINT
+        p = f", p={self.paired.p_value:.3g}" if self.paired.p_value is not None else ""
+        return f"{self.paired.test}{p}"
 
     def limit_text(self, name: str, fraction: float) -> str:
         """``floor 10.0 points`` or, relative, ``floor 10% of baseline (8.4 points)``."""
@@ -147,6 +192,18 @@ class TaskComparison(BaseModel):
     floor: Decision
     quality: Decision
     anomaly: Decision
+    # statistics (own units; None where a failed stage made no numbers). ``stat`` "point" is the plain rule.
+    stat: Literal["paired", "point"] = "point"
+    n: int | None = None  # paired items (point: the smaller side's scored samples)
+    ci_low: float | None = None  # interval of delta (candidate - baseline)
+    ci_high: float | None = None
+    confidence: float | None = None  # one-sided, of each bound; the interval is two-sided 2c-1
+    test: str = TEST_POINT
+    p_value: float | None = None
+    drop_fraction_low: float | None = None  # the interval of drop_fraction (for the plot and the rules)
+    drop_fraction_high: float | None = None
+    mde_points: float | None = None  # minimum detectable effect at this n (80% power), own units
+    samples_needed: int | None = None  # samples that would decide the quality gate if the observed rates held
 
 
 QualityDecider = Callable[[ScoreDelta, float], Decision]
@@ -155,7 +212,9 @@ QualityDecider = Callable[[ScoreDelta, float], Decision]
 # ---------------------------------------------------------------------------------------------- decisions
 
 
-def score_delta(spec: TaskSpec, baseline: float, candidate: float, *, relative: bool = False) -> ScoreDelta:
+def score_delta(
+    spec: TaskSpec, baseline: float, candidate: float, *, relative: bool = False, paired: PairedStats | None = None
+) -> ScoreDelta:
     lo, hi = spec.scale
     width = spec.scale_range
     delta = candidate - baseline
@@ -166,6 +225,11 @@ def score_delta(spec: TaskSpec, baseline: float, candidate: float, *, relative: 
         # range is used instead of dividing by zero
         distance = abs(baseline - lo) if spec.higher_is_better else abs(hi - baseline)
         reference = distance if distance > _EPS else width
+    drop_low = drop_high = None
+    if paired is not None:
+        # the interval of delta on the task's scale (per-item 0..1 times the range), then as a drop
+        d_low, d_high = paired.ci_low * width, paired.ci_high * width
+        drop_low, drop_high = (-d_high, -d_low) if spec.higher_is_better else (d_low, d_high)
     return ScoreDelta(
         task=spec.name,
         scale=spec.scale,
@@ -178,6 +242,9 @@ def score_delta(spec: TaskSpec, baseline: float, candidate: float, *, relative: 
         relative=relative,
         drop_fraction=drop / reference,
         gain_fraction=-drop / width,
+        paired=paired,
+        drop_low=drop_low,
+        drop_high=drop_high,
     )
 
 
@@ -192,6 +259,18 @@ def decide_floor(d: ScoreDelta, floor: float, *, abstain: bool = False) -> Decis
             failure_class=FailureClass.INCONCLUSIVE,
             message=f"{d.describe()}: too many errored samples to judge the floor ({limit})",
         )
+    if d.paired is not None:  # evidence only: the smallest drop the interval allows must exceed the floor
+        smallest = format_score(d.drop_low, d.scale)
+        if d.drop_low_fraction > floor + _EPS:
+            return Decision(
+                gate="floor",
+                tier=Tier.HARD,
+                passed=False,
+                failure_class=FailureClass.CATASTROPHIC_REGRESSION,
+                message=f"{d.describe()}: even the smallest drop in the interval ({smallest}) exceeds {limit}",
+            )
+        return Decision(gate="floor", tier=Tier.HARD, passed=True,
+                        message=f"{d.describe()}: no evidence of a drop beyond {limit}")
     if d.drop_fraction > floor + _EPS:
         return Decision(
             gate="floor",
@@ -217,8 +296,68 @@ def decide_quality(d: ScoreDelta, threshold: float) -> Decision:
     return Decision(gate="quality", tier=Tier.WARN, passed=True, message=f"{d.describe()}, within {limit}")
 
 
+def delta_limit(d: ScoreDelta, fraction: float) -> float:
+    """A drop limit (fraction of the reference) as a delta in the per-item unit (0..1), for planning."""
+    width = d.scale[1] - d.scale[0]
+    drop_items = fraction * d.reference / width
+    return -drop_items if d.higher_is_better else drop_items
+
+
+def planning(d: ScoreDelta, threshold: float) -> tuple[float | None, int | None]:
+    """(minimum detectable effect in own units at this n, samples that would decide the threshold)."""
+    if d.paired is None:
+        return None, None
+    width = d.scale[1] - d.scale[0]
+    return minimum_detectable_effect(d.paired) * width, samples_needed(d.paired, delta_limit(d, threshold))
+
+
+def decide_quality_paired(d: ScoreDelta, threshold: float) -> Decision:
+    """The three-outcome rule on the interval of the drop; without an interval it is the point rule."""
+    if d.paired is None:
+        return decide_quality(d, threshold)
+    limit = d.limit_text("threshold", threshold)
+    unit = _unit(d.scale)
+    side = interval_side(d.drop_low_fraction, d.drop_high_fraction, threshold)
+    test = d.test_text()
+    if side == "within":
+        return Decision(gate="quality", tier=Tier.WARN, passed=True,
+                        message=f"{d.describe()}: the whole interval is within {limit} ({test})")
+    if side == "beyond":
+        return Decision(
+            gate="quality",
+            tier=Tier.WARN,
+            passed=False,
+            failure_class=FailureClass.REGRESSION,
+            message=f"{d.describe()}: the whole interval is beyond {limit}, a drop of at least "
+            f"{format_score(d.drop_low, d.scale)}{unit} ({test})",
+        )
+    mde, needed = planning(d, threshold)
+    decide = (f"about {needed} samples would decide if the observed rates hold" if needed is not None
+              else "no sample count decides: the estimate sits on the threshold")
+    return Decision(
+        gate="quality",
+        tier=Tier.WARN,
+        passed=False,
+        failure_class=FailureClass.INCONCLUSIVE,
+        message=f"{d.describe()}: the interval straddles {limit} ({test}); at n={d.paired.n} the minimum "
+        f"detectable effect is {format_score(mde, d.scale)}{unit}; {decide}",
+    )
+
+
 def decide_anomaly(d: ScoreDelta, implausible_gain: float) -> Decision:
     limit = format_score(implausible_gain * (d.scale[1] - d.scale[0]), d.scale)
+    if d.paired is not None and d.gain_low_fraction > implausible_gain + _EPS:
+        return Decision(
+            gate="anomaly",
+            tier=Tier.HARD,
+            passed=False,
+            failure_class=FailureClass.ANOMALOUS,
+            message=f"{d.describe()}: even the smallest gain in the interval is over {limit}{_unit(d.scale)} "
+            "— check the baseline",
+        )
+    if d.paired is not None:
+        return Decision(gate="anomaly", tier=Tier.HARD, passed=True,
+                        message=f"{d.describe()}: no evidence of a gain over {limit}")
     if d.gain_fraction > implausible_gain + _EPS:
         return Decision(
             gate="anomaly",
@@ -290,9 +429,14 @@ def compare_task(
     implausible_gain: float = 0.05,
     abstain: bool = False,
     recipe: str | None = None,
-    quality: QualityDecider = decide_quality,
+    quality: QualityDecider | None = None,
+    paired: PairedStats | None = None,
 ) -> TaskComparison:
-    """Compare one task's two sides on ``spec.scale``; ``abstain`` (from the run gate) makes the floor skip."""
+    """Compare one task's two sides on ``spec.scale``; ``abstain`` (from the run gate) makes the floor skip.
+
+    ``paired`` (from ``stats.paired_from_records``) switches every rule to its interval; ``quality`` replaces
+    the quality rule (default: the interval rule with ``paired``, the point rule without).
+    """
     for name, value in (("threshold", threshold), ("floor", floor), ("implausible_gain", implausible_gain)):
         _check_fraction(name, value)
     for side in (baseline, candidate):
@@ -319,7 +463,18 @@ def compare_task(
             floor=floor,
         )
     assert baseline.score is not None and candidate.score is not None
-    d = score_delta(spec, float(baseline.score), float(candidate.score), relative=relative)
+    if paired is not None and paired.left_out == 0:
+        for side, mean in ((baseline, paired.mean_baseline), (candidate, paired.mean_candidate)):
+            if abs(spec.to_scale(mean) - float(side.score)) > 1e-6 * spec.scale_range:  # type: ignore[arg-type]
+                raise Day0Error(
+                    FailureClass.SAMPLE_ACCOUNTING_FAILED,
+                    f"{spec.name}: the {side.side} records give {spec.to_scale(mean):g}, its result says "
+                    f"{side.score:g} (stale or foreign records?)",
+                )
+    d = score_delta(spec, float(baseline.score), float(candidate.score), relative=relative, paired=paired)
+    decider = quality or (decide_quality_paired if paired is not None else decide_quality)
+    mde, needed = planning(d, threshold)
+    width = spec.scale_range
     return TaskComparison(
         task=spec.name,
         recipe=recipe,
@@ -338,8 +493,19 @@ def compare_task(
         floor_points=floor * d.reference,
         abstain=abstain,
         floor=decide_floor(d, floor, abstain=abstain),
-        quality=quality(d, threshold),
+        quality=decider(d, threshold),
         anomaly=decide_anomaly(d, implausible_gain),
+        stat="paired" if paired is not None else "point",
+        n=paired.n if paired is not None else min(baseline.scored_samples, candidate.scored_samples),
+        ci_low=paired.ci_low * width if paired is not None else None,
+        ci_high=paired.ci_high * width if paired is not None else None,
+        confidence=paired.confidence if paired is not None else None,
+        test=paired.test if paired is not None else TEST_POINT,
+        p_value=paired.p_value if paired is not None else None,
+        drop_fraction_low=d.drop_low_fraction if paired is not None else None,
+        drop_fraction_high=d.drop_high_fraction if paired is not None else None,
+        mde_points=mde,
+        samples_needed=needed,
     )
 
 
@@ -355,8 +521,31 @@ def decision_status(decision: Decision, *, warn_as_error: bool = False) -> Statu
     return "warned" if decision.tier is Tier.WARN and not warn_as_error else "failed"
 
 
+def comparison_decision(c: TaskComparison) -> str:
+    """One word per task for tables and plots: the hard breaches first, then the quality outcome."""
+    for d in (c.floor, c.anomaly):
+        if not d.passed and not d.skipped and d.failure_class:
+            return str(d.failure_class)
+    q = c.quality
+    if q.skipped:
+        return "SKIPPED"
+    if q.passed:
+        return "PASS"
+    return str(q.failure_class or FailureClass.UNKNOWN)
+
+
 def comparison_numbers(c: TaskComparison) -> dict[str, float | int | str | None]:
     return {
+        "decision": comparison_decision(c),
+        "n": c.n,
+        "ci_low": c.ci_low,
+        "ci_high": c.ci_high,
+        "test": c.test,
+        "p_value": c.p_value,
+        "stat": c.stat,
+        "confidence": c.confidence,
+        "mde_points": c.mde_points,
+        "samples_needed": c.samples_needed,
         "baseline": c.baseline,
         "candidate": c.candidate,
         "delta": c.delta,

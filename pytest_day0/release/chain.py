@@ -12,6 +12,7 @@ owns the session (the xdist controller, or the only process) stops them all at t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import time
@@ -23,7 +24,9 @@ from typing import Any, TypeVar
 import httpx
 
 from pytest_day0.config import RunConfig
+from pytest_day0.engines import EvalRequest, QuantizeRequest, ServeRequest, eval_engine, quantize_engine, serve_engine
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.remote.stages import RemoteStages
 from pytest_day0.scoring.tasks import Task, load_task
 from pytest_day0.serving.endpoint import Endpoint
 from pytest_day0.stages import quantize as quantize_stage
@@ -51,12 +54,24 @@ def _remembered_error(data: dict[str, Any]) -> Day0Error:
 
 
 class ReleaseChain:
-    def __init__(self, config: RunConfig, session_id: str, progress: Progress | None = None) -> None:
+    def __init__(self, config: RunConfig, session_id: str, progress: Progress | None = None,
+                 owner_pid: int | None = None) -> None:
         self.config = config
         self.session_id = session_id
+        # The process that lives as long as the session (the xdist controller): while it lives, the servers
+        # this session registered are in use, even if another session shares the workspace.
+        self.owner_pid = owner_pid or os.getpid()
         self.ws = Workspace(config.workdir)
         self.progress: Progress = progress or (lambda _line: None)
         self._memo: dict[str, Any] = {}
+        self._remote: RemoteStages | None = None
+
+    @property
+    def remote(self) -> RemoteStages | None:
+        """RemoteStages when --day0-executor is ssh:// or slurm:// (PTQ and serving as remote jobs), else None."""
+        if self._remote is None and self.config.executor != "local":
+            self._remote = RemoteStages(self.config, self.session_id, self.ws, self.progress, self.owner_pid)
+        return self._remote
 
     # ------------------------------------------------------------------ plumbing
 
@@ -127,6 +142,10 @@ class ReleaseChain:
         return self._once("source_key", lambda: checkpoint_fingerprint(self.source()))
 
     def tasks(self) -> list[Task]:
+        if self.config.eval == "lm-eval":  # scores from lm-eval folders: the tasks are what the baseline logged
+            from pytest_day0.scoring import lm_eval
+
+            return self._once("tasks", lambda: lm_eval.run_tasks(self.config), retry_transient=False)
         return self._once("tasks", lambda: [load_task(t, self.config.limit) for t in self.config.tasks],
                           retry_transient=False)
 
@@ -140,11 +159,17 @@ class ReleaseChain:
 
     def ptq_key(self, recipe: str) -> str:
         c = self.config
+        if c.quantize == "existing" and self.remote is not None:  # a checkpoint on the remote side
+            return "existing-" + digest(self.remote.key, str(c.checkpoint))
         if c.quantize == "existing":
             assert c.checkpoint is not None
+            if not (c.checkpoint / "config.json").is_file():
+                raise Day0Error(FailureClass.USER_CONFIG_ERROR,
+                                f"--day0-checkpoint {c.checkpoint} is not a checkpoint directory (no config.json)")
             return "existing-" + checkpoint_fingerprint(c.checkpoint)
-        return f"{recipe}-" + digest(self.source_key(), recipe, c.quantize, c.calib_size,
-                                     quantize_stage._modelopt_version())
+        key = f"{recipe}-" + digest(self.source_key(), recipe, c.quantize, c.calib_size,
+                                    quantize_engine(c.quantize).version(c))
+        return key if self.remote is None else f"{key}-{digest(self.remote.key, c.ptq_command)[:8]}"
 
     def quantized(self, recipe: str) -> quantize_stage.QuantizeResult:
         from pytest_day0.checkpoint.recipes import resolve_recipe
@@ -153,6 +178,8 @@ class ReleaseChain:
         c = self.config
 
         def build() -> quantize_stage.QuantizeResult:
+            if self.remote is not None:  # a PTQ job on the remote executor; the checkpoint stays there
+                return self.remote.quantize_stage(self, recipe_obj)
             if c.quantize == "existing":
                 assert c.checkpoint is not None
                 return quantize_stage.use_existing(c.checkpoint, recipe_obj)
@@ -162,7 +189,7 @@ class ReleaseChain:
                 (out_dir / quantize_stage.DONE_MARKER).unlink(missing_ok=True)
             if quantize_stage.is_finished(out_dir):
                 self.progress(f"[day0] PTQ {recipe}: reusing {out_dir}")
-                return quantize_stage.QuantizeResult(out_dir, "modelopt", recipe, 0.0, True, None)
+                return quantize_stage.QuantizeResult(out_dir, c.quantize, recipe, 0.0, True, None)
             self.ws.event("ptq_run", recipe=recipe, session=self.session_id)
             tail: list[str] = []
 
@@ -172,9 +199,9 @@ class ReleaseChain:
                     self.progress("    " + line)
 
             try:
-                return quantize_stage.quantize_modelopt(
+                return quantize_engine(c.quantize).run(QuantizeRequest(  # registered engines (pytest_day0.engines)
                     self.source(), recipe_obj, out_dir, CALIBRATION_TEXT, calib_size=c.calib_size,
-                    timeout_s=c.stage_timeout, on_line=on_line)
+                    timeout_s=c.stage_timeout, config=c, on_line=on_line))
             except Day0Error:
                 for line in tail[-5:]:
                     self.progress("    | " + line)
@@ -191,7 +218,9 @@ class ReleaseChain:
     def candidate_inspection(self, recipe: str) -> Any:
         from pytest_day0.checkpoint.inspect import inspect_checkpoint
 
-        return self._once(f"inspect-{recipe}", lambda: inspect_checkpoint(self.quantized(recipe).checkpoint),
+        opener = self.remote.open_source if self.remote is not None else None  # SFTP: headers only
+        return self._once(f"inspect-{recipe}", lambda: inspect_checkpoint(str(self.quantized(recipe).checkpoint),
+                                                                          open_source=opener),
                           retry_transient=False)
 
     def ptq_checks(self, recipe: str) -> list[Any]:
@@ -231,11 +260,20 @@ class ReleaseChain:
             url = c.baseline_url if side == BASELINE else c.candidate_url
             return f"{side}-external-" + digest(url)
         if side == BASELINE:
-            return "baseline-" + digest(self.source_key(), c.serve)
+            return "baseline-" + digest(self.source_key(), c.serve, *([self.remote.key] if self.remote else []))
         return f"{side}-" + digest(self.ptq_key(side), c.serve)
 
     def _registry_path(self, side: str) -> Path:
-        return self.ws.path("servers", f"{self.side_key(side)}.json")
+        """One registration per session: two sessions sharing a workspace each serve (and stop) their own."""
+        return self.ws.path("servers", f"{self.side_key(side)}.{self.session_id}.json")
+
+    def _reap_abandoned(self, side: str) -> None:
+        """Stop servers of this side left behind by sessions whose owner is gone (killed runs)."""
+        for path in (self.ws.root / "servers").glob(f"{self.side_key(side)}.*.json"):
+            known = read_json(path)
+            if known and known.get("session") != self.session_id and not _alive(int(known.get("owner", 0))):
+                _stop_pid(int(known.get("pid", 0)))
+                path.unlink(missing_ok=True)
 
     def endpoint(self, side: str) -> Endpoint:
         c = self.config
@@ -243,6 +281,10 @@ class ReleaseChain:
             url = c.baseline_url if side == BASELINE else c.candidate_url
             assert url is not None
             return self._once(f"endpoint-{side}", lambda: _discover_external(url, c.api_key))
+        remote = self.remote
+        if remote is not None:  # a serving job on the remote executor, reached through an SSH tunnel
+            return self._once(f"endpoint-{side}", lambda: self._timed(f"serve {side}",
+                                                                      lambda: remote.endpoint(self, side)))
 
         def build() -> Endpoint:
             checkpoint = self.side_checkpoint(side)
@@ -252,17 +294,16 @@ class ReleaseChain:
                 if failed:
                     raise _remembered_error(failed)
                 known = read_json(registry)
-                if known and known.get("session") == self.session_id and _healthy(known["url"]):
+                if known and _healthy(known["url"]):
                     return Endpoint(url=known["url"], model=known["model"])
                 if known:
                     _stop_pid(int(known.get("pid", 0)))
-                from pytest_day0.stages.serve import start_reference_server
-
+                self._reap_abandoned(side)
                 self.ws.event("server_start", side=side, session=self.session_id)
                 try:
-                    handle = self._timed(f"serve {side}", lambda: start_reference_server(
-                        checkpoint, side, self.ws.root / "logs",
-                        timeout_s=min(c.stage_timeout, 600)))
+                    handle = self._timed(f"serve {side}", lambda: serve_engine(c.serve).start(ServeRequest(
+                        checkpoint, side, self.ws.root / "logs", timeout_s=min(c.stage_timeout, 600), config=c,
+                        progress=self.progress)))
                 except Day0Error as exc:
                     atomic_write_json(self._session_failure_path(f"serve-{side}"),
                                       {"failure_class": exc.failure_class, "message": exc.message})
@@ -271,14 +312,15 @@ class ReleaseChain:
                 # that still evaluates); stop_servers() at session end stops it through the registry.
                 atexit.unregister(handle.stop)
                 atomic_write_json(registry, {"url": handle.url, "model": handle.model, "pid": handle.pid,
-                                             "session": self.session_id, "side": side, "log": str(handle.log_path)})
+                                             "session": self.session_id, "owner": self.owner_pid, "side": side,
+                                             "log": str(handle.log_path)})
                 return handle.endpoint
 
         return self._once(f"endpoint-{side}", build)
 
     def stop_servers(self) -> list[str]:
         """Stop every server this session started (from any process). Idempotent."""
-        stopped = []
+        stopped = self.remote.stop_session() if self.remote is not None else []  # scancel, tunnels closed
         for path in sorted((self.ws.root / "servers").glob("*.json")):
             known = read_json(path)
             if known and known.get("session") == self.session_id:
@@ -321,9 +363,14 @@ class ReleaseChain:
             return False
 
     def evaluation(self, side: str, task_name: str) -> Any:
-        from pytest_day0.stages.evaluate import cached_result, run_evaluation
+        from pytest_day0.stages.evaluate import cached_result
 
         task = self.task(task_name)
+        if self.config.eval == "lm-eval":  # read, not served: the records land in the workspace like scored ones
+            from pytest_day0.scoring import lm_eval
+
+            return self._once(f"eval-{side}-{task.name}", lambda: lm_eval.side_result(
+                self.config, side, task.name, self.ws.root), retry_transient=False)
         path = self.records_path(side, task)
 
         def build() -> Any:
@@ -346,8 +393,9 @@ class ReleaseChain:
                         rate = done_n / max(now - started, 1e-6)
                         self.progress(f"[day0]   {side}/{task.name}: {done_n}/{total} samples ({rate:.1f}/s)")
 
-                return self._timed(f"eval {side}/{task.name}", lambda: run_evaluation(
-                    task, endpoint, path, side, concurrency=self.config.concurrency, progress=on_progress))
+                return self._timed(f"eval {side}/{task.name}", lambda: eval_engine(self.config.eval).evaluate(
+                    EvalRequest(task, endpoint, path, side, concurrency=self.config.concurrency,
+                                progress=on_progress)))
 
         return self._once(f"eval-{side}-{task.name}", build)
 
@@ -362,6 +410,18 @@ def _healthy(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
     if pid <= 0:
         return
@@ -371,15 +431,15 @@ def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
         return
     deadline = time.time() + grace_s
     while time.time() < deadline:
+        with contextlib.suppress(ChildProcessError):  # started by this process: reap it, a zombie looks alive
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _discover_external(url: str, api_key: Any) -> Endpoint:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from pytest_day0.gates.compare import TaskComparison, format_scale, format_score
 from pytest_day0.gates.outcome import GateOutcome
-from pytest_day0.report.terminal import comparison_cells, decision_cell
+from pytest_day0.report.terminal import comparison_cells, decision_cell, decision_word
 from pytest_day0.verdict import SessionVerdict
 
 SUMMARY_CAP_BYTES = 1024 * 1024 - 16 * 1024  # GitHub's 1 MiB, less room for whatever else this step appends
 MAX_ERRORS = 10
 MAX_WARNINGS = 10
-_ICON = {"ACCEPT": "✅", "REGRESSION": "❌", "ANOMALOUS": "⚠️", "INFEASIBLE": "⛔"}
+_ICON = {"ACCEPT": "✅", "INCONCLUSIVE": "❔", "REGRESSION": "❌", "ANOMALOUS": "⚠️", "INFEASIBLE": "⛔"}
 
 
 def escape_cell(text: object) -> str:
@@ -57,7 +57,10 @@ def _task_rows(comparisons: Sequence[TaskComparison]) -> list[list[str]]:
                 decision_cell(c.floor),
                 decision_cell(c.quality),
                 decision_cell(c.anomaly),
-                cells["class"],
+                cells["interval"] or "—",
+                cells["n"] or "—",
+                (c.test + (f", p={c.p_value:.3g}" if c.p_value is not None else "")) if c.delta is not None else "—",
+                decision_word(c) or "—",
             ]
         )
     return rows
@@ -85,9 +88,10 @@ def step_summary_markdown(
     outcomes: Sequence[GateOutcome],
     *,
     max_bytes: int = SUMMARY_CAP_BYTES,
+    plot: str | None = None,
 ) -> str:
-    """Verdict heading, one task table per recipe, then what failed and why."""
-    order = ["ACCEPT", "REGRESSION", "ANOMALOUS", "INFEASIBLE"]
+    """Verdict heading, one task table per recipe, then what failed and why; ``plot`` names delta.svg."""
+    order = ["ACCEPT", "INCONCLUSIVE", "REGRESSION", "ANOMALOUS", "INFEASIBLE"]
     head = "ACCEPT" if session.recommended else max((v.decision for v in session.verdicts), key=order.index,
                                                      default="ANOMALOUS")
     lines = [f"## {_ICON.get(head, '')} pytest-day0: {escape_cell(session.recommendation)}", ""]
@@ -105,11 +109,18 @@ def step_summary_markdown(
         ],
     )
     header = ["task", "scale", "baseline", "candidate", "Δ", "floor / quality limit", "floor", "quality", "anomaly",
-              "class"]
+              "interval of Δ", "n", "test", "decision"]
     for v in session.verdicts:
         mine = [c for c in comparisons if c.recipe in (v.recipe, None)]
         lines += ["", f"### {escape_cell(v.recipe)} — {v.decision}", ""]
         lines += _table(header, _task_rows(mine)) if mine else ["_no task was compared (an upstream stage failed)_"]
+    paired = next((c for c in comparisons if c.stat == "paired" and c.confidence is not None), None)
+    if paired is not None and paired.confidence is not None:
+        lines += ["", f"Intervals: paired by sample id, two one-sided {paired.confidence:.0%} bounds (a "
+                  f"{2 * paired.confidence - 1:.0%} interval); PASS needs the whole interval within the quality "
+                  "limit, REGRESSION wholly beyond it, else INCONCLUSIVE."]
+    if plot:
+        lines += ["", f"Plot of Δ with its interval per task: `{escape_cell(plot)}` (in the workspace artifact)."]
     bad = [o for o in outcomes if o.status in ("failed", "warned")]
     lines += ["", "### What failed and why", ""]
     if not bad:

@@ -14,6 +14,7 @@ import pytest
 
 from pytest_day0.gates.compare import TaskComparison
 from pytest_day0.report import github, terminal
+from pytest_day0.report.plot import write_delta_svg
 from pytest_day0.report.verdict_json import verdict_document, write_verdict_json
 from pytest_day0.verdict import SessionVerdict, decide, decide_session
 from pytest_day0.workspace import atomic_write_json
@@ -58,10 +59,12 @@ def finish(state: Any, config: pytest.Config) -> SessionVerdict:
              "outcomes": [o.model_dump(mode="json") for o in state.outcomes]}
     write_verdict_json(run_dir / "verdict.json", session, state.comparisons, extra)
     write_verdict_json(run.workdir / "verdict.json", session, state.comparisons, extra)
+    write_delta_svg(run_dir / "delta.svg", state.comparisons)
+    state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons)
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_path:
-        github.write_step_summary(summary_path, github.step_summary_markdown(session, state.comparisons,
-                                                                               state.outcomes))
+        github.write_step_summary(summary_path, github.step_summary_markdown(
+            session, state.comparisons, state.outcomes, plot=str(state.plot_path)))
     return session
 
 
@@ -69,6 +72,8 @@ def terminal_lines(state: Any, config: pytest.Config) -> list[str]:
     lines = ["", "=" * 30 + " pytest-day0 release " + "=" * 30]
     lines += terminal.session_lines(state.session_verdict, state.comparisons)
     lines.append(f"verdict.json: {state.config.workdir / 'verdict.json'}")
+    if getattr(state, "plot_path", None):
+        lines.append(f"plot (Δ with its interval per task): {state.plot_path}")
     if os.environ.get("GITHUB_ACTIONS") == "true":
         lines = github.annotation_lines(state.outcomes) + lines
     return lines

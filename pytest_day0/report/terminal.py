@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pytest_day0.gates.compare import Decision, TaskComparison, format_scale, format_score
+from pytest_day0.failures import FailureClass
+from pytest_day0.gates.compare import Decision, TaskComparison, comparison_decision, format_scale, format_score
 from pytest_day0.verdict import SessionVerdict, Verdict
 
 MISSING = "—"
-COLUMNS = ("task", "scale", "baseline", "candidate", "delta", "floor", "quality", "class")
-_RIGHT = frozenset({"baseline", "candidate", "delta"})
+COLUMNS = ("task", "scale", "baseline", "candidate", "delta", "interval", "n", "test", "floor", "quality", "decision")
+_RIGHT = frozenset({"baseline", "candidate", "delta", "interval", "n"})
 
 
 def decision_cell(d: Decision) -> str:
@@ -21,7 +22,33 @@ def decision_cell(d: Decision) -> str:
         return "skip"
     if d.passed:
         return "pass"
+    if d.failure_class is FailureClass.INCONCLUSIVE:
+        return "inconclusive"
     return "WARN" if d.tier == "warn" else "FAIL"
+
+
+def interval_cell(c: TaskComparison) -> str:
+    """``[-1.2, +0.3]``: the interval of delta on the task's scale; empty without one (point rule)."""
+    if c.ci_low is None or c.ci_high is None:
+        return ""
+    return f"[{format_score(c.ci_low, c.scale, signed=True)}, {format_score(c.ci_high, c.scale, signed=True)}]"
+
+
+def test_cell(c: TaskComparison) -> str:
+    """The test in a few characters; the full name is in verdict.json and the JUnit properties."""
+    if c.delta is None:
+        return ""
+    if c.stat == "point":
+        return "point"
+    if c.p_value is not None:
+        return f"score/McNemar p={c.p_value:.2g}"
+    return "bootstrap" if "bootstrap" in c.test else c.test
+
+
+def decision_word(c: TaskComparison) -> str:
+    """PASS / INCONCLUSIVE / REGRESSION / a hard breach's class; a skipped row shows its cause (or nothing)."""
+    word = comparison_decision(c)
+    return row_class(c) if word == "SKIPPED" else word
 
 
 def row_class(c: TaskComparison) -> str:
@@ -42,8 +69,12 @@ def comparison_cells(c: TaskComparison) -> dict[str, str]:
         "baseline": format_score(c.baseline, c.scale),
         "candidate": format_score(c.candidate, c.scale),
         "delta": format_score(c.delta, c.scale, signed=True),
+        "interval": interval_cell(c),
+        "n": str(c.n) if c.n is not None and c.delta is not None else "",
+        "test": test_cell(c),
         "floor": decision_cell(c.floor),
         "quality": decision_cell(c.quality),
+        "decision": decision_word(c),
         "class": row_class(c),
     }
 
@@ -64,7 +95,14 @@ def table_lines(rows: Sequence[dict[str, str]], columns: Sequence[str] = COLUMNS
 def _limits(comparisons: Sequence[TaskComparison]) -> str:
     c = comparisons[0]
     of = "the baseline's distance from the worst score" if c.relative else "the task's range"
-    return f"  floor (hard): drop > {c.floor_fraction:.0%} of {of}; quality (warn): drop > {c.threshold:.0%}"
+    line = f"  floor (hard): drop > {c.floor_fraction:.0%} of {of}; quality (warn): drop > {c.threshold:.0%}"
+    paired = next((x for x in comparisons if x.stat == "paired" and x.confidence is not None), None)
+    if paired is not None and paired.confidence is not None:
+        line += (f"; interval: paired by sample id, two one-sided {paired.confidence:.0%} bounds "
+                 f"(a {2 * paired.confidence - 1:.0%} interval)")
+    elif any(x.stat == "point" and x.delta is not None for x in comparisons):
+        line += "; point estimates (--day0-stat point): no interval"
+    return line
 
 
 def recipe_lines(recipe: str, comparisons: Sequence[TaskComparison], verdict: Verdict | None = None) -> list[str]:

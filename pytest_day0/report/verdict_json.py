@@ -6,8 +6,9 @@ Schema ``pytest-day0/verdict/v1`` (a consumer checks ``schema`` first; a breakin
       "schema": "pytest-day0/verdict/v1",
       "session": {                        # SessionVerdict
         "verdicts": [                     # one per recipe
-          {"recipe", "decision": "ACCEPT|REGRESSION|ANOMALOUS|INFEASIBLE", "reasons": [str],
-           "regressed_tasks": [str], "failure_classes": [str], "size_ratio": float|null,
+          {"recipe", "decision": "ACCEPT|INCONCLUSIVE|REGRESSION|ANOMALOUS|INFEASIBLE", "reasons": [str],
+           "regressed_tasks": [str], "inconclusive_tasks": [str], "samples_needed": int|null,
+           "failure_classes": [str], "size_ratio": float|null,
            "recommendation": str, "hard_failed": bool, "exit_status": int, "counts": {status: int}}
         ],
         "recommended": str|null,          # the smallest recipe that ACCEPTs
@@ -18,6 +19,9 @@ Schema ``pytest-day0/verdict/v1`` (a consumer checks ``schema`` first; a breakin
         {"task", "recipe", "scale": [lo, hi], "higher_is_better", "metric", "baseline", "candidate", "delta",
          "drop_fraction", "gain_fraction", "relative", "threshold", "floor_fraction", "threshold_points",
          "floor_points", "abstain",
+         "stat": "paired|point", "n", "ci_low", "ci_high" (interval of delta, own scale), "confidence"
+         (one-sided, of each bound), "test", "p_value", "drop_fraction_low", "drop_fraction_high",
+         "mde_points", "samples_needed",
          "floor" | "quality" | "anomaly": {"gate", "tier", "passed", "skipped", "failure_class", "message"}}
       ],
       "extra": {...}                      # free-form: model, versions, timings, paths

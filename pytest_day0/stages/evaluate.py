@@ -136,8 +136,8 @@ async def _score_choice(client: OpenAIClient, context: str, continuation: str) -
     reply, max_tokens = await client.echo_logprobs(prompt)
     choice = _first_choice(reply, "POST /v1/completions")
     generated = _usage(reply, "completion_tokens")
-    if generated is None:
-        generated = max_tokens
+    # vLLM 0.32 answers max_tokens=0 + echo with the prompt alone but counts completion_tokens=1: trust the cap
+    generated = max_tokens if generated is None else min(generated, max_tokens)
     scored = score_continuation(
         choice.get("logprobs"), prompt, len(context), generated, prompt_tokens=_usage(reply, "prompt_tokens")
     )
