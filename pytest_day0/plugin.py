@@ -97,6 +97,28 @@ def pytest_configure(config: pytest.Config) -> None:
     session_id = workerinput["day0_session"] if workerinput else uuid.uuid4().hex[:12]
     owner_pid = int(workerinput["day0_owner_pid"]) if workerinput else os.getpid()
     config.stash[STATE_KEY] = SessionState(run, session_id, names, owner_pid)
+    if workerinput is None:
+        _terminate_as_interrupt()
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a cancelled CI job, ``kill``) ends the session like Ctrl-C, so servers and jobs are stopped.
+
+    pytest runs its session-finish hooks on KeyboardInterrupt but not on SIGTERM's default action.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # someone (a runner, the user) already decided what SIGTERM means
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_configure_node(node: Any) -> None:

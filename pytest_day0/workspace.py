@@ -74,6 +74,19 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest(str(path), parts)
 
 
+def pid_alive(pid: int) -> bool:
+    """Is the process that registered a server or a job still there (so its records are not stale)?"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -31,7 +31,7 @@ from pytest_day0.scoring.tasks import Task, load_task
 from pytest_day0.serving.endpoint import Endpoint
 from pytest_day0.stages import quantize as quantize_stage
 from pytest_day0.stages.source import CALIBRATION_TEXT, resolve_model
-from pytest_day0.workspace import Workspace, atomic_write_json, checkpoint_fingerprint, digest, read_json
+from pytest_day0.workspace import Workspace, atomic_write_json, checkpoint_fingerprint, digest, pid_alive, read_json
 
 T = TypeVar("T")
 BASELINE = "baseline"
@@ -271,7 +271,7 @@ class ReleaseChain:
         """Stop servers of this side left behind by sessions whose owner is gone (killed runs)."""
         for path in (self.ws.root / "servers").glob(f"{self.side_key(side)}.*.json"):
             known = read_json(path)
-            if known and known.get("session") != self.session_id and not _alive(int(known.get("owner", 0))):
+            if known and known.get("session") != self.session_id and not pid_alive(int(known.get("owner", 0))):
                 _stop_pid(int(known.get("pid", 0)))
                 path.unlink(missing_ok=True)
 
@@ -408,18 +408,6 @@ def _healthy(url: str, timeout: float = 3.0) -> bool:
         return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stop_pid(pid: int, grace_s: float = 10.0) -> None:

@@ -31,7 +31,7 @@ from pytest_day0.remote.jobs import RESULT_PREFIX, watch_job
 from pytest_day0.serving.endpoint import Endpoint
 from pytest_day0.stages.quantize import QuantizeResult
 from pytest_day0.stages.source import CALIBRATION_TEXT
-from pytest_day0.workspace import Workspace, atomic_write_json, digest, file_digest, read_json
+from pytest_day0.workspace import Workspace, atomic_write_json, digest, file_digest, pid_alive, read_json
 
 Progress = Callable[[str], None]
 DONE_MARKER = "day0_ptq.json"  # the same marker the local quantize stage writes last
@@ -59,18 +59,6 @@ def make_executor(config: Any, spec: ExecutorSpec | None = None) -> Executor:
     if spec.kind == "slurm":
         return SlurmExecutor(target, (*spec.sbatch_args, *split_sbatch_args(config.sbatch_args)))
     return SSHExecutor(target)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_result(lines: list[str]) -> dict[str, Any] | None:
@@ -376,7 +364,7 @@ class RemoteStages:
             known = read_json(path)
             if not known or not known.get("remote") or known.get("session") == self.session_id:
                 continue
-            if not _pid_alive(int(known.get("owner", 0))):
+            if not pid_alive(int(known.get("owner", 0))):
                 ex.cancel([JobHandle(str(known["job_id"]), str(known.get("name")), "", ex.kind)])
                 path.unlink(missing_ok=True)
 

@@ -217,17 +217,22 @@ def start_reference_server(
         log_file.close()
         raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"cannot start the reference server: {exc}") from exc
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        if ready_file.is_file():
-            try:
-                ready = json.loads(ready_file.read_text())
-            except ValueError:
-                ready = None  # written atomically, so only a foreign file can be half-read; wait on
-            if ready and _healthy(str(ready["url"])):
-                return ServerHandle(str(ready["url"]), name, "reference", process, log_path, None, log_file)
-        time.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            if ready_file.is_file():
+                try:
+                    ready = json.loads(ready_file.read_text())
+                except ValueError:
+                    ready = None  # written atomically, so only a foreign file can be half-read; wait on
+                if ready and _healthy(str(ready["url"])):
+                    return ServerHandle(str(ready["url"]), name, "reference", process, log_path, None, log_file)
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C / SIGTERM while it starts: nobody holds a handle yet, so stop it here
+        _terminate_group(process, 2.0)
+        log_file.close()
+        raise
 
     returncode = process.poll()
     _terminate_group(process, 2.0)

@@ -239,10 +239,15 @@ def start_vllm_server(
         except OSError as exc:
             log_file.close()
             raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"cannot start vLLM with {python}: {exc}") from None
-        while time.monotonic() < deadline and process.poll() is None:
-            if _healthy(url):
-                return ServerHandle(url, name, "vllm", process, log_path, None, log_file)
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline and process.poll() is None:
+                if _healthy(url):
+                    return ServerHandle(url, name, "vllm", process, log_path, None, log_file)
+                time.sleep(0.5)
+        except BaseException:  # Ctrl-C / SIGTERM during start-up: no handle exists yet to stop it later
+            _terminate_group(process, 5.0)
+            log_file.close()
+            raise
         returncode = process.poll()
         _terminate_group(process, 5.0)
         log_file.close()
