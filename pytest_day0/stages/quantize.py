@@ -127,10 +127,18 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--calib-seq", type=int, default=64)
     args = parser.parse_args(argv)
+    return run_child(lambda: run_modelopt_ptq(args.model, resolve_recipe(args.recipe), args.export_path,
+                                              args.calibration.read_text(), args.calib_size, args.calib_seq),
+                     _classify)
+
+
+def run_child(body: Callable[[], dict[str, Any]], classify: Callable[[BaseException], FailureClass]) -> int:
+    """Run a quantize child's body and end with its one DAY0_RESULT line, the failure classified for the parent.
+
+    Shared by every quantize engine's child process, so the parent reads one format whatever the engine.
+    """
     try:
-        recipe = resolve_recipe(args.recipe)
-        info = run_modelopt_ptq(args.model, recipe, args.export_path, args.calibration.read_text(), args.calib_size,
-                                args.calib_seq)
+        info = body()
         print(RESULT_PREFIX + json.dumps({"ok": True, **info}), flush=True)
         return 0
     except Day0Error as exc:
@@ -141,7 +149,7 @@ def _child_main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        failure_class = _classify(exc)
+        failure_class = classify(exc)
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
         if failure_class is FailureClass.MODEL_UNSUPPORTED:
             # ModelOpt's explanation runs to several sentences; its first says what happened.

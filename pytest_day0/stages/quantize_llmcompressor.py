@@ -39,6 +39,7 @@ from pytest_day0.stages.quantize import (
     calibration_batches,
     is_finished,
     log_tail,
+    run_child,
 )
 
 ENGINE_NAME = "llmcompressor"
@@ -119,26 +120,15 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--calib-seq", type=int, default=64)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> dict[str, Any]:
         recipe = resolve_recipe(args.recipe)
         if ENGINE_NAME not in recipe.engines:
             raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"llm-compressor does not make recipe {recipe.name}")
-        info = run_oneshot(args.model, recipe, args.export_path, args.calibration.read_text(), args.calib_size,
+        return run_oneshot(args.model, recipe, args.export_path, args.calibration.read_text(), args.calib_size,
                            args.calib_seq)
-        print(RESULT_PREFIX + json.dumps({"ok": True, **info}), flush=True)
-        return 0
-    except Day0Error as exc:
-        print(RESULT_PREFIX + json.dumps({"ok": False, "failure_class": exc.failure_class, "message": exc.message}),
-              flush=True)
-        return 3
-    except Exception as exc:  # classified for the parent; the traceback stays in the log for humans
-        import traceback
 
-        traceback.print_exc()
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-        print(RESULT_PREFIX + json.dumps({"ok": False, "failure_class": _classify(exc), "message": message}),
-              flush=True)
-        return 3
+    return run_child(body, _classify)
 
 
 def llmcompressor_version(python: str | None = None) -> str | None:
