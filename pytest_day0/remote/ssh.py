@@ -341,12 +341,9 @@ class SSHExecutor(Executor):
         with self._lock:
             try:
                 return self.sftp().stat(path)
-            except FileNotFoundError:
-                return None
             except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    return None
-                raise
+                _raise_unless_missing(exc)
+                return None
 
     def home(self) -> str:
         if self._home is None:
@@ -374,12 +371,9 @@ class SSHExecutor(Executor):
                         fh.seek(offset)
                     data: bytes = fh.read() if max_bytes is None else fh.read(max_bytes)
                     return data
-            except FileNotFoundError:
-                return None
             except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    return None
-                raise
+                _raise_unless_missing(exc)
+                return None
 
     def write_bytes(self, path: str, data: bytes) -> None:
         parent, _, name = path.rpartition("/")
@@ -443,3 +437,9 @@ class SSHExecutor(Executor):
 
     def forward(self, host: str, port: int) -> SSHTunnel:
         return SSHTunnel(self.transport(), host, port)
+
+
+def _raise_unless_missing(exc: OSError) -> None:
+    """SFTP says "no such file" as FileNotFoundError or as a bare ENOENT: both mean absent, anything else raises."""
+    if not (isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOENT):
+        raise exc
