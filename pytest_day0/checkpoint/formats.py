@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_day0.checkpoint.recipes import Precision
@@ -28,6 +28,7 @@ class DeclaredGroup:
     precision: Precision | None
     scheme: str  # the config's own words, for messages: "W4A16_AWQ", "int4 group 128 pack-quantized"
     num_bits: int | None = None
+    group_size: int | None = None  # weights per scale along the input dimension, when the config says
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,20 @@ def _str_list(value: object, source: str, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _group_size(value: object, source: str, what: str) -> int | None:
+    """None when absent or per-channel (GPTQ's -1 convention); a non-integer is a broken declaration."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(source, f"{what} must be an integer, got {value!r}")
+    return value if value > 0 else None
+
+
 def _modelopt(q: Mapping[str, Any], source: str, exclude_key: str, raw: Mapping[str, Any]) -> QuantDeclaration:
     algo = q.get("quant_algo")
     if algo is not None and not isinstance(algo, str):
         raise _bad(source, f"quant_algo must be a string, got {algo!r}")
+    size = _group_size(q.get("group_size"), source, "group_size")
     exclude = _str_list(q.get(exclude_key, q.get("exclude_modules")), source, exclude_key)
     groups: list[DeclaredGroup] = []
     if algo == MIXED and "quantized_layers" in q:
@@ -137,9 +148,10 @@ def _modelopt(q: Mapping[str, Any], source: str, exclude_key: str, raw: Mapping[
             layer_algo = _obj(cfg, source, f"quantized_layers[{module!r}]").get("quant_algo")
             if not isinstance(layer_algo, str):
                 raise _bad(source, f"quantized_layers[{module!r}] has no quant_algo")
-            groups.append(DeclaredGroup((module,), modelopt_precision(layer_algo), layer_algo))
+            layer_size = _group_size(cfg.get("group_size"), source, f"quantized_layers[{module!r}].group_size")
+            groups.append(DeclaredGroup((module,), modelopt_precision(layer_algo), layer_algo, group_size=layer_size))
     elif algo is not None and algo != MIXED:
-        groups.append(DeclaredGroup(("*",), modelopt_precision(algo), algo))
+        groups.append(DeclaredGroup(("*",), modelopt_precision(algo), algo, group_size=size))
     elif "config_groups" in q:
         groups.extend(_config_groups(q["config_groups"], None, source))
     elif algo == MIXED:
@@ -162,7 +174,8 @@ def _config_groups(value: object, fmt: str | None, source: str) -> list[Declared
         size = weights.get("group_size")
         scheme = f"{kind}{bits}" + (f" group {size}" if size else "") + (f" {gfmt}" if gfmt else "")
         groups.append(
-            DeclaredGroup(targets, scheme_precision(weights, gfmt), scheme, bits if isinstance(bits, int) else None)
+            DeclaredGroup(targets, scheme_precision(weights, gfmt), scheme, bits if isinstance(bits, int) else None,
+                          _group_size(size, source, f"config_groups.{gname}.weights.group_size"))
         )
     return groups
 
@@ -198,4 +211,9 @@ def parse_quant_declaration(
             "config.json",
             f"quantization_config declares {decl.quant_algo} but hf_quant_config.json declares {hf_decl.quant_algo}",
         )
+    # ModelOpt writes group_size only into hf_quant_config.json for some algos (W4A16_AWQ): carry it over.
+    hf_size = hf_decl.groups[0].group_size if hf_decl is not None and len(hf_decl.groups) == 1 else None
+    if hf_size is not None and any(g.group_size is None for g in decl.groups):
+        decl = replace(decl, groups=tuple(g if g.group_size is not None else replace(g, group_size=hf_size)
+                                          for g in decl.groups))
     return decl

@@ -137,7 +137,9 @@ def check_coverage(output: CheckpointInspection, recipe: Recipe) -> PtqCheck:
         return PtqCheck(
             "coverage", False, FailureClass.MODEL_UNSUPPORTED,
             f"{recipe.name} quantized none of the {len(in_scope)} in-scope linear layers to {recipe.precision} "
-            f"(scope {recipe.scope}, {len(output.linear_layers)} linear layers in the checkpoint)",
+            f"(scope {recipe.scope}, {len(output.linear_layers)} linear layers in the checkpoint)"
+            + (f"; the quantization config contradicts the tensors for {len(mismatch)}, e.g. {mismatch[0]}"
+               if mismatch else ""),
             numbers,
         )
     problems = []

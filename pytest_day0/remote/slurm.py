@@ -78,7 +78,8 @@ class SlurmExecutor(SSHExecutor):
         return f"slurm://{self.target.label}"
 
     def sbatch_argv(self, job: JobSpec) -> list[str]:
-        return ["sbatch", "--parsable", f"--job-name={job.name}", f"--output={job.log_path}",
+        # sbatch expands %j, %x, ... in --output itself: a literal % in the user's workspace path is written %%
+        return ["sbatch", "--parsable", f"--job-name={job.name}", f"--output={job.log_path.replace('%', '%%')}",
                 f"--chdir={job.workdir}", *self.sbatch_args, job.script_path]
 
     def submit(self, job: JobSpec) -> JobHandle:

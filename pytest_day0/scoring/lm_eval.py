@@ -105,6 +105,12 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _is_fraction(value: Any) -> bool:
+    """The preferred metrics are per-sample means: a finite number in [0, 1], never a bool or a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0 <= value <= 1
+
+
 def _pick_metric(name: str, results: dict[str, Any]) -> str | None:
     numeric = {k for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for key in METRIC_PREFERENCE:
@@ -135,6 +141,11 @@ def load_run(path: str | Path) -> LmEvalRun:
         if not samples_path.is_file() or not isinstance(res, dict):
             unsampled.append(name)
             continue
+        bad = next(((k, res[k]) for k in METRIC_PREFERENCE if k in res and not _is_fraction(res[k])), None)
+        if bad is not None:  # a NaN, bool or string score would otherwise be skipped or compare as "equal"
+            number = isinstance(bad[1], (int, float)) and not isinstance(bad[1], bool) and math.isfinite(bad[1])
+            why = "is outside [0, 1] (a per-sample mean)" if number else "is not a finite number"
+            raise _config_error(f"{results_path}: task {name} reports {bad[0]} = {bad[1]!r}, which {why}")
         key = _pick_metric(name, res)
         if key is None:
             raise _config_error(f"{results_path}: task {name} reports no numeric metric")

@@ -8,6 +8,7 @@ scores happen to be <= 1 must not be read as 0-1 (a known weakness of the ModelO
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,17 @@ class TaskSpec(BaseModel):
     def _ordered_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not v[0] < v[1]:
             raise ValueError(f"scale must be [lo, hi] with lo < hi, got {list(v)}")
+        return v
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        # a bad regex must fail when the task loads, not as an UNKNOWN error on every sample
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"answer_pattern {v!r} is not a valid regex ({exc})") from None
         return v
 
     @property
@@ -90,7 +102,10 @@ def _read_spec(path: Path) -> dict[str, Any]:
     if path.suffix in {".yaml", ".yml"}:
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:  # not a ValueError: would escape load_task as a traceback
+            raise ValueError(f"not valid YAML ({' '.join(str(exc).split())[:200]})") from None
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
@@ -122,30 +137,35 @@ def load_task(name_or_path: str, limit: int | None = None) -> Task:
         raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"task {spec.name}: samples file {samples_path} does not exist")
     samples: list[Sample] = []
     seen: set[str] = set()
-    with samples_path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = Sample.model_validate(json.loads(line))
-            except (ValueError, ValidationError) as exc:
-                first = exc.errors()[0] if isinstance(exc, ValidationError) else None
-                why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(exc)
-                raise Day0Error(
-                    FailureClass.USER_CONFIG_ERROR, f"task {spec.name}: {samples_path.name} line {lineno}: {why}"
-                ) from None
-            if spec.kind == "multiple_choice" and sample.choices is None:
-                raise Day0Error(
-                    FailureClass.USER_CONFIG_ERROR,
-                    f"task {spec.name}: {samples_path.name} line {lineno}: multiple_choice sample has no choices",
-                )
-            if sample.id in seen:
-                raise Day0Error(
-                    FailureClass.USER_CONFIG_ERROR,
-                    f"task {spec.name}: {samples_path.name} line {lineno}: duplicate sample id {sample.id!r}",
-                )
-            seen.add(sample.id)
-            samples.append(sample)
+    try:
+        raw_lines = samples_path.read_bytes().decode("utf-8").split("\n")  # not splitlines: JSON may hold U+2028
+    except (OSError, UnicodeDecodeError) as exc:
+        why = (f"not UTF-8 ({exc.reason} at byte {exc.start})" if isinstance(exc, UnicodeDecodeError)
+               else exc.strerror or str(exc))
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"task {spec.name}: {samples_path.name}: {why}") from None
+    for lineno, line in enumerate(raw_lines, 1):
+        if not line.strip():
+            continue
+        try:
+            sample = Sample.model_validate(json.loads(line))
+        except (ValueError, ValidationError) as exc:
+            first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+            why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(exc)
+            raise Day0Error(
+                FailureClass.USER_CONFIG_ERROR, f"task {spec.name}: {samples_path.name} line {lineno}: {why}"
+            ) from None
+        if spec.kind == "multiple_choice" and sample.choices is None:
+            raise Day0Error(
+                FailureClass.USER_CONFIG_ERROR,
+                f"task {spec.name}: {samples_path.name} line {lineno}: multiple_choice sample has no choices",
+            )
+        if sample.id in seen:
+            raise Day0Error(
+                FailureClass.USER_CONFIG_ERROR,
+                f"task {spec.name}: {samples_path.name} line {lineno}: duplicate sample id {sample.id!r}",
+            )
+        seen.add(sample.id)
+        samples.append(sample)
     if not samples:
         raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"task {spec.name}: {samples_path.name} has no samples")
     if limit is not None:
