@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -237,8 +238,22 @@ class RunConfig(BaseModel):
     @field_validator("baseline_url", "candidate_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v.strip()).username is not None:  # first: no later message may echo it
+            raise ValueError("put no credentials in an endpoint URL (it is written to every report); "
+                             "give the key as DAY0_API_KEY")
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError(f"must be an http(s) URL, got {v!r}")
+        if v is not None:
+            import httpx
+
+            try:  # here, as one line: later a bad port is a raw traceback that can show the key among its locals
+                parts = urlsplit(v.strip())
+                parts.port  # noqa: B018 (raises ValueError on a port that is no number)
+                httpx.URL(v.strip())
+            except (ValueError, httpx.InvalidURL) as exc:
+                raise ValueError(f"not a valid URL: {v!r} ({exc})") from None
+            if not parts.hostname:
+                raise ValueError(f"names no host: {v!r}")
         return v.rstrip("/").removesuffix("/v1") if v else v
 
     @model_validator(mode="after")

@@ -285,7 +285,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if _prop(item, "day0_gate") is None and call.excinfo is None:
         return report
     excinfo = call.excinfo
-    if excinfo is not None and isinstance(excinfo.value, (GateFailure, Day0Error)) and report.when == "call":
+    # setup too: a stage failing inside a fixture is one line as well (a traceback would show its locals with -l)
+    if excinfo is not None and isinstance(excinfo.value, (GateFailure, Day0Error)) and report.when in ("setup", "call"):
         exc = excinfo.value
         tier = getattr(exc, "tier", Tier.HARD)
         item.user_properties.append(("failure_class", str(exc.failure_class)))

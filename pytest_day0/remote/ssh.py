@@ -96,8 +96,11 @@ def load_key(path: Path, passphrase: SecretStr | None) -> paramiko.PKey:
         raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"SSH key file {path} does not exist") from None
     except paramiko.PasswordRequiredException:
         raise _systemic(f"SSH key {path} is encrypted: give its passphrase in DAY0_SSH_KEY_PASSPHRASE") from None
-    except (paramiko.SSHException, ValueError, TypeError, OSError) as exc:
-        problem = "wrong passphrase or unreadable key" if secret else type(exc).__name__
+    except Exception as exc:  # any escape would print the passphrase among a traceback's locals
+        if isinstance(exc, TypeError) and not secret:  # cryptography's word for an encrypted OpenSSH-format key
+            raise _systemic(f"SSH key {path} is encrypted: give its passphrase in DAY0_SSH_KEY_PASSPHRASE") from None
+        problem = "wrong passphrase or unreadable key" if secret else f"not a readable private key " \
+            f"({type(exc).__name__})"
         raise _systemic(f"cannot load SSH key {path}: {problem}") from None
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -132,8 +133,8 @@ class OpenAIClient:
                 why = f"connection error ({type(exc).__name__}: {_one_line(str(exc), 80)})"
             else:
                 if resp.status_code < 400:
-                    return Reply(self._parse(where, resp), attempts)
-                snippet = _one_line(resp.text)
+                    return Reply(self._parse(where, resp, self._redact), attempts)
+                snippet = _one_line(self._redact(resp.text))
                 if resp.status_code not in TRANSIENT_STATUS:
                     raise Day0Error(
                         FailureClass.EVAL_JUDGE_FAILED,
@@ -151,13 +152,20 @@ class OpenAIClient:
             self.retries += 1
             await asyncio.sleep(backoff_delay(self.policy, attempts - 1, self._rng, retry_after))
 
+    def _redact(self, text: str) -> str:
+        """Servers echo a rejected key in their error body ("Incorrect API key provided: ..."); our message
+        goes to JUnit and public CI summaries, so the key is cut out of anything we quote."""
+        key = self.endpoint.api_key.get_secret_value() if self.endpoint.api_key else ""
+        return text.replace(key, "**********") if key else text
+
     @staticmethod
-    def _parse(where: str, resp: httpx.Response) -> dict[str, Any]:
+    def _parse(where: str, resp: httpx.Response, redact: Callable[[str], str] = str) -> dict[str, Any]:
         try:
             data = resp.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise Day0Error(
-                FailureClass.EVAL_JUDGE_FAILED, f"malformed response from {where}: not JSON: {_one_line(resp.text)}"
+                FailureClass.EVAL_JUDGE_FAILED,
+                f"malformed response from {where}: not JSON: {_one_line(redact(resp.text))}",
             ) from None
         if not isinstance(data, dict):
             raise Day0Error(FailureClass.EVAL_JUDGE_FAILED, f"malformed response from {where}: not a JSON object")
