@@ -6,6 +6,7 @@ lock first does the work and leaves a finished artifact that the others find.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,11 @@ from typing import Any
 
 from filelock import FileLock
 
+from pytest_day0.failures import Day0Error, FailureClass
+
+# A full or failing disk: nothing later in the session can write either, so it is SYSTEMIC, never retried.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """A reader never sees half a file: write beside it, fsync, rename over it."""
@@ -29,8 +35,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            raise Day0Error(FailureClass.SYSTEMIC, f"cannot write {path}: {exc.strerror} "
+                            "(the previous file, if any, is intact)", errno=exc.errno) from None
         raise
 
 

@@ -321,12 +321,12 @@ class ReleaseChain:
     def stop_servers(self) -> list[str]:
         """Stop every server this session started (from any process). Idempotent."""
         stopped = self.remote.stop_session() if self.remote is not None else []  # scancel, tunnels closed
-        for path in sorted((self.ws.root / "servers").glob("*.json")):
-            known = read_json(path)
-            if known and known.get("session") == self.session_id:
-                _stop_pid(int(known.get("pid", 0)))
-                path.unlink(missing_ok=True)
-                stopped.append(str(known.get("side")))
+        mine = [(path, known) for path in sorted((self.ws.root / "servers").glob("*.json"))
+                if (known := read_json(path)) and known.get("session") == self.session_id]
+        _stop_pids([int(known.get("pid", 0)) for _, known in mine])  # together: each may take its grace period
+        for path, known in mine:
+            path.unlink(missing_ok=True)
+            stopped.append(str(known.get("side")))
         return stopped
 
     def deploy(self, side: str) -> DeployRecord:
@@ -381,23 +381,52 @@ class ReleaseChain:
                 done = cached_result(task, path, side)
                 if done is not None:
                     return done
-                endpoint = self.endpoint(side)
-                self.ws.event("eval_run", side=side, task=task.name, session=self.session_id)
-                last = [0.0]
-                started = time.time()
-
-                def on_progress(done_n: int, total: int) -> None:
-                    now = time.time()
-                    if now - last[0] >= 5 or done_n == total:
-                        last[0] = now
-                        rate = done_n / max(now - started, 1e-6)
-                        self.progress(f"[day0]   {side}/{task.name}: {done_n}/{total} samples ({rate:.1f}/s)")
-
-                return self._timed(f"eval {side}/{task.name}", lambda: eval_engine(self.config.eval).evaluate(
-                    EvalRequest(task, endpoint, path, side, concurrency=self.config.concurrency,
-                                progress=on_progress)))
+                result = self._evaluate_once(side, task, path, attempt=1)
+                if self._server_lost(side, result):
+                    # The server died under us (killed, OOM): the finished samples are on disk, so restart it and
+                    # resume once; a second death leaves the result INCOMPLETE and the run gate INFRA_TRANSIENT.
+                    self.progress(f"[day0] eval {side}/{task.name}: the {side} server is gone "
+                                  f"({result.errored_samples} samples unscored) — restarting it and resuming once")
+                    self.ws.event("server_lost", side=side, task=task.name, session=self.session_id)
+                    self._memo.pop(f"endpoint-{side}", None)
+                    result = self._evaluate_once(side, task, path, attempt=2)
+                return result
 
         return self._once(f"eval-{side}-{task.name}", build)
+
+    def _evaluate_once(self, side: str, task: Task, path: Path, attempt: int) -> Any:
+        endpoint = self.endpoint(side)
+        self.ws.event("eval_run", side=side, task=task.name, session=self.session_id, attempt=attempt)
+        last = [0.0]
+        reused = [-1]  # the engine reports its first progress before sending anything: that count was reused
+        started = time.time()
+
+        def on_progress(done_n: int, total: int) -> None:
+            if reused[0] < 0:
+                reused[0] = done_n
+            now = time.time()
+            if now - last[0] >= 5 or done_n == total:
+                last[0] = now
+                rate = done_n / max(now - started, 1e-6)
+                self.progress(f"[day0]   {side}/{task.name}: {done_n}/{total} samples ({rate:.1f}/s)")
+
+        result = self._timed(f"eval {side}/{task.name}", lambda: eval_engine(self.config.eval).evaluate(
+            EvalRequest(task, endpoint, path, side, concurrency=self.config.concurrency, progress=on_progress)))
+        total = len(task.samples)
+        self.ws.event("eval_done", side=side, task=task.name, session=self.session_id, attempt=attempt,
+                      reused=reused[0] if reused[0] >= 0 else None,
+                      requested=total - reused[0] if reused[0] >= 0 else None,
+                      scored=result.scored_samples, errored=result.errored_samples)
+        return result
+
+    def _server_lost(self, side: str, result: Any) -> bool:
+        """Samples failed and the server we started no longer answers: a restart can save the evaluation."""
+        if self.remote is not None or not serve_engine(self.config.serve).managed:
+            return False  # a remote job or someone else's server: not ours to restart
+        if getattr(result, "errored_samples", 0) == 0 or getattr(result, "status", "") != "INCOMPLETE":
+            return False
+        known = read_json(self._registry_path(side))
+        return bool(known) and not _healthy(str(known["url"]))
 
 
 # ---------------------------------------------------------------------- helpers (I/O)
@@ -411,23 +440,34 @@ def _healthy(url: str, timeout: float = 3.0) -> bool:
 
 
 def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
-    if pid <= 0:
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.time() + grace_s
-    while time.time() < deadline:
-        with contextlib.suppress(ChildProcessError):  # started by this process: reap it, a zombie looks alive
-            os.waitpid(pid, os.WNOHANG)
+    _stop_pids([pid], grace_s)
+
+
+def _stop_pids(pids: list[int], grace_s: float = 10.0) -> None:
+    """SIGTERM every group first, then wait once for all of them: stopping N servers costs one grace period."""
+    alive = set()
+    for pid in pids:
+        if pid <= 0:
+            continue
         try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGTERM)
+            alive.add(pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    deadline = time.time() + grace_s
+    while alive and time.time() < deadline:
+        for pid in list(alive):
+            with contextlib.suppress(ChildProcessError):  # started by this process: reap it, a zombie looks alive
+                os.waitpid(pid, os.WNOHANG)
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        if alive:
+            time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _discover_external(url: str, api_key: Any) -> Endpoint:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -33,6 +34,7 @@ from pytest_day0.scoring.metrics import (
 from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import Sample, Task
 from pytest_day0.serving.endpoint import Endpoint
+from pytest_day0.workspace import DISK_ERRNOS
 
 Progress = Callable[[int, int], None]
 
@@ -102,12 +104,52 @@ def _drop_torn_tail(path: Path) -> None:
 def _write_compacted(path: Path, records: Sequence[SampleRecord]) -> None:
     """Leave exactly one record per sample, in task order, replaced atomically (readers never see half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(rec.model_dump_json() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(rec.model_dump_json() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written copy beside the records
+        raise
+
+
+class _Appender:
+    """Appends whole lines or nothing. A failed write (disk full) cuts the file back to its last complete line
+    and refuses every later write, so neither a torn line nor a straggler's line after the cut is left."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = path.open("ab", buffering=0)  # unbuffered: nothing pending that close() could half-write
+        self.error: OSError | None = None
+
+    def append(self, line: str) -> None:
+        if self.error is not None:
+            raise self.error
+        start = os.fstat(self._fh.fileno()).st_size
+        view = memoryview((line + "\n").encode())
+        try:
+            while view:
+                view = view[self._fh.write(view) or 0:]
+        except OSError as exc:
+            self.error = exc
+            with contextlib.suppress(OSError):
+                self._fh.truncate(start)  # freeing space always works, even on a full disk
+            raise
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _disk_error(path: Path, exc: OSError, doing: str, kept: int | None = None) -> Day0Error:
+    """A full or failing disk is SYSTEMIC (nothing later can write either; retrying the stage refills it);
+    anything else about the records file (permissions, a file where a directory should be) is the user's."""
+    full = exc.errno in DISK_ERRNOS
+    where = f"records file {path}: {doing}: {exc.strerror or exc}"
+    if kept is not None:
+        where += f" ({kept} finished samples kept intact; free space and re-run: they are reused)"
+    return Day0Error(FailureClass.SYSTEMIC if full else FailureClass.USER_CONFIG_ERROR, where)
 
 
 # ---------------------------------------------------------------- one sample
@@ -281,28 +323,42 @@ async def evaluate_task(
         seed=seed,
     )
     if todo:
-        fh: IO[str]
-        with path.open("a", encoding="utf-8") as fh:
+        try:
+            out = _Appender(path)
+        except OSError as exc:
+            raise _disk_error(path, exc, "cannot open") from None
+        try:
             async with OpenAIClient(endpoint, concurrency=concurrency, timeout_s=timeout_s, policy=policy) as client:
 
                 async def one(sample: Sample) -> None:
                     nonlocal done
                     rec = await _run_sample(client, task, sample, hashes[sample.id])
-                    fh.write(rec.model_dump_json() + "\n")
-                    fh.flush()
+                    out.append(rec.model_dump_json())
                     final[sample.id] = rec
                     done += 1
                     if progress is not None:
                         progress(done, total)
 
+                # A fixed pool of workers pulls the samples: memory holds `concurrency` samples in flight, not all
+                # of them (10,000 coroutines started at once cost ~7 KB each before their request is even sent).
+                pending = iter(todo)
+
+                async def worker() -> None:
+                    for sample in pending:
+                        await one(sample)
+
+                running = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(todo)))]
                 try:
-                    await asyncio.gather(*(one(s) for s in todo))
+                    await asyncio.gather(*running)
                 except OSError as exc:  # disk full, file removed under us: no retry of samples helps
-                    raise Day0Error(
-                        FailureClass.SYSTEMIC, f"records file {path}: cannot append: {exc.strerror or exc}"
-                    ) from None
+                    for fut in running:
+                        fut.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
+                    raise _disk_error(path, exc, "cannot append", kept=done) from None
                 finally:
                     st.requests, st.retries = client.requests_sent, client.retries
+        finally:
+            out.close()
     ordered = [final[s.id] for s in task.samples if s.id in final]
     # Records of samples outside this run's set (a --day0-limit run after a full one) are kept, not lost:
     # a later run over more samples reuses them.
@@ -311,7 +367,7 @@ async def evaluate_task(
     try:
         _write_compacted(path, ordered)
     except OSError as exc:
-        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"records file {path}: {exc.strerror or exc}") from None
+        raise _disk_error(path, exc, "cannot compact", kept=sum(map(is_scored, ordered))) from None
     return aggregate(
         task.spec,
         [s.id for s in task.samples],

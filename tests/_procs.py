@@ -1,0 +1,81 @@
+"""What a test sees from outside the code under test: /proc, sockets, a workspace's event log.
+
+Fault tests assert what is left behind after a kill or an interrupt, so they must not ask the plugin (which may
+be dead); they read the machine directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """``pid: cmdline`` of live processes whose command line contains ``text`` (zombies and this one excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(f"{proc.name}: {cmdline.strip()}")
+    return found
+
+
+def pids_mentioning(*texts: str) -> list[int]:
+    """Pids of live processes whose command line contains every one of ``texts``."""
+    pids = []
+    for line in processes_mentioning(texts[0]):
+        pid, cmdline = line.split(": ", 1)
+        if all(t in cmdline for t in texts[1:]):
+            pids.append(int(pid))
+    return pids
+
+
+def events(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The workspace's events.jsonl (what actually ran), tolerant of a line being written right now."""
+    path = workdir / "events.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if kind is None or rec.get("event") == kind:
+            out.append(rec)
+    return out
+
+
+def port_refuses(url_or_port: str | int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens there any more (connection refused), the proof a server left no port behind."""
+    port = int(str(url_or_port).rstrip("/").rsplit(":", 1)[-1])
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def wait_for(probe: Callable[[], T], timeout_s: float, every_s: float = 0.05) -> T:
+    """Poll ``probe`` until it returns something truthy (returned) or the time is up (its last value)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every_s)
