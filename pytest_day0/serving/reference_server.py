@@ -2,8 +2,10 @@
 
 It exists so a day-0 run needs no GPU and no vLLM: the candidate's quantized numerics are emulated by
 :mod:`pytest_day0.serving.dequant`, and the responses have the shapes vLLM returns, so the scorer cannot tell
-the engines apart. Correctness over speed: requests run one at a time (an asyncio lock), each a plain greedy
-(or seeded sampling) loop over the HF model's KV cache.
+the engines apart. Correctness over speed: one worker owns the model and runs one unit of work at a time, a
+plain greedy (or seeded sampling) loop over the HF model's KV cache. The two request shapes a scorer sends by the
+thousand (echo scoring with max_tokens=0, and greedy generation) are batched: those that queued while a forward
+ran go together as one padded forward, equal to their one-at-a-time answers up to float rounding.
 
 Run as ``python -m pytest_day0.serving.reference_server --checkpoint DIR --served-model-name NAME
 --host 127.0.0.1 --port 0 --ready-file PATH``. It binds loopback only unless ``--allow-remote-bind``: the
@@ -22,7 +24,8 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,6 +336,95 @@ class Engine:
         text = stopped_text if stopped_text is not None else self.tokenizer.decode(generated, skip_special_tokens=True)
         return Generation(generated, text, finish, stop_reason, steps)
 
+    @torch.inference_mode()
+    def score_batch(self, batch: Sequence[tuple[list[int], int | None]]) -> list[list[StepLogprobs | None]]:
+        """Prompt logprobs of several prompts in one right-padded forward (echo scoring, nothing generated).
+
+        Right padding keeps every row's positions 0..n-1 and, under the causal mask, a real token never sees a
+        pad, so each row computes what its own forward would (to float rounding; the batching test bounds it)."""
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+        results: list[list[StepLogprobs | None]] = []
+        for row, (ids, k) in enumerate(batch):
+            steps: list[StepLogprobs | None] = [None]
+            if k is not None and len(ids) > 1:
+                logp = torch.log_softmax(logits[row, : len(ids) - 1], dim=-1)
+                steps.extend(_step(logp[pos - 1], ids[pos], k) for pos in range(1, len(ids)))
+            results.append(steps)
+        return results
+
+    @torch.inference_mode()
+    def generate_greedy_batch(self, batch: Sequence[tuple[list[int], SamplingParams]]) -> list[Generation]:
+        """Greedy decoding of several prompts at once: left-padded, explicit positions, one shared KV cache.
+
+        Each row keeps its own budget, stop ids and stop strings; a finished row rides along (its tokens are
+        discarded) so the batch stays rectangular. Only temperature-0 requests come here: argmax needs no
+        generator, so batching cannot change which random numbers a request sees."""
+        n = len(batch)
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        budgets: list[int] = []
+        stop_ids: list[set[int]] = []
+        for row, (ids, params) in enumerate(batch):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            mask[row, width - len(ids):] = 1
+            budget = params.max_tokens if params.max_tokens is not None else (
+                self.max_len - len(ids) if self.max_len else DEFAULT_MAX_TOKENS_UNBOUNDED)
+            if self.max_len:
+                budget = min(budget, self.max_len - len(ids))
+            budgets.append(budget)
+            stop_ids.append(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits, past = out.logits[:, -1].float(), out.past_key_values
+        next_pos = positions[:, -1:] + 1
+        generated: list[list[int]] = [[] for _ in batch]
+        steps: list[list[StepLogprobs]] = [[] for _ in batch]
+        finish = ["length"] * n
+        stop_reason: list[str | int | None] = [None] * n
+        stopped_text: list[str | None] = [None] * n
+        active = [budgets[row] > 0 for row in range(n)]
+        while any(active):
+            tokens = torch.argmax(logits, dim=-1).tolist()
+            for row, (_, params) in enumerate(batch):
+                if not active[row]:
+                    continue
+                token = int(tokens[row])
+                generated[row].append(token)
+                if params.logprobs is not None:
+                    steps[row].append(_step(torch.log_softmax(logits[row], dim=-1), token, params.logprobs))
+                if token in stop_ids[row]:
+                    finish[row], stop_reason[row] = "stop", (None if token in self.eos_ids else token)
+                    active[row] = False
+                elif params.stop:
+                    text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+                    hit = _first_stop(text, params.stop)
+                    if hit is not None:
+                        finish[row], stop_reason[row], stopped_text[row] = "stop", hit[1], text[: hit[0]]
+                        active[row] = False
+                if len(generated[row]) >= budgets[row]:
+                    active[row] = False
+            if not any(active):
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            out = self.model(input_ids=torch.tensor(tokens).unsqueeze(1), attention_mask=mask, position_ids=next_pos,
+                             past_key_values=past, use_cache=True)
+            logits, past = out.logits[:, -1].float(), out.past_key_values
+            next_pos = next_pos + 1
+        results: list[Generation] = []
+        for row in range(n):
+            text = stopped_text[row]
+            if text is None:
+                text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+            results.append(Generation(generated[row], text, finish[row], stop_reason[row], steps[row]))
+        return results
+
     @staticmethod
     def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
         if params.temperature <= 0.0:
@@ -416,6 +508,29 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def _completion_choice(engine: Engine, params: CompletionParams, index: int, prompt: str | list[int], ids: list[int],
+                       prompt_steps: Sequence[StepLogprobs | None], gen: Generation) -> dict[str, Any]:
+    sp = params.sampling
+    prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
+    text = (prompt_text + gen.text) if params.echo else gen.text
+    logprobs = None
+    if sp.logprobs is not None:
+        if params.echo:
+            logprobs = completion_logprobs(engine, [*prompt_steps, *gen.logprobs], [*ids, *gen.token_ids])
+        else:
+            logprobs = completion_logprobs(engine, gen.logprobs, gen.token_ids)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": gen.finish_reason,
+            "stop_reason": gen.stop_reason}
+
+
+def _completion_body(model_name: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                     completion_tokens: int) -> dict[str, Any]:
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
 def run_completion(engine: Engine, params: CompletionParams, model_name: str) -> dict[str, Any]:
     sp = params.sampling
     generator = _generator(sp.seed)
@@ -426,7 +541,6 @@ def run_completion(engine: Engine, params: CompletionParams, model_name: str) ->
         prompt_tokens += len(ids)
         want_prompt_lp = params.echo and sp.logprobs is not None
         prompt_steps, last, past = engine.prompt_logprobs(ids, sp.logprobs if want_prompt_lp else None)
-        prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
         for j in range(sp.n):
             if sp.max_tokens == 0:
                 gen = Generation([], "", "length", None, [])
@@ -435,19 +549,56 @@ def run_completion(engine: Engine, params: CompletionParams, model_name: str) ->
                 first = (last, past) if j == 0 else None
                 gen = engine.generate(ids, sp, first, generator)
             completion_tokens += len(gen.token_ids)
-            text = (prompt_text + gen.text) if params.echo else gen.text
-            logprobs = None
-            if sp.logprobs is not None:
-                if params.echo:
-                    logprobs = completion_logprobs(engine, [*prompt_steps, *gen.logprobs], [*ids, *gen.token_ids])
-                else:
-                    logprobs = completion_logprobs(engine, gen.logprobs, gen.token_ids)
-            choices.append({"index": p_index * sp.n + j, "text": text, "logprobs": logprobs,
-                            "finish_reason": gen.finish_reason, "stop_reason": gen.stop_reason})
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model_name, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            choices.append(_completion_choice(engine, params, p_index * sp.n + j, prompt, ids, prompt_steps, gen))
+    return _completion_body(model_name, choices, prompt_tokens, completion_tokens)
+
+
+# ---------------------------------------------------------------- dynamic batching (pure decision + batch runner)
+
+SCORE = "score"  # echo, max_tokens=0: one forward, prompt logprobs only (the scorer's loglikelihood requests)
+GREEDY = "greedy"  # temperature 0, no echo: batched greedy decode
+
+
+def batch_kind(params: CompletionParams) -> str | None:
+    """Which batch a completion request may join, or None for the one-at-a-time path.
+
+    Only the two shapes a scorer sends by the thousand are batched; anything unusual (several prompts, n > 1,
+    sampling, echo with generation) keeps the plain loop, whose behaviour the rest of the tests pin down."""
+    sp = params.sampling
+    if len(params.prompts) != 1 or sp.n != 1:
+        return None
+    if params.echo:
+        return SCORE if sp.max_tokens == 0 else None
+    if sp.temperature == 0.0 and sp.max_tokens is not None and sp.max_tokens > 0:
+        return GREEDY
+    return None
+
+
+def run_completion_batch(engine: Engine, kind: str, batch: Sequence[CompletionParams],
+                         model_name: str) -> list[dict[str, Any] | ApiError]:
+    """Answer every request of one batch; a request that cannot be encoded gets its own error, not the batch."""
+    results: list[dict[str, Any] | ApiError] = []
+    encoded: list[tuple[int, list[int]]] = []
+    for i, params in enumerate(batch):
+        try:
+            encoded.append((i, engine.encode(params.prompts[0])))
+            results.append({})
+        except ApiError as err:
+            results.append(err)
+    if not encoded:
+        return results
+    empty = Generation([], "", "length", None, [])
+    if kind == SCORE:
+        all_steps = engine.score_batch([(ids, batch[i].sampling.logprobs) for i, ids in encoded])
+        outcomes = [(steps, empty) for steps in all_steps]
+    else:
+        gens = engine.generate_greedy_batch([(ids, batch[i].sampling) for i, ids in encoded])
+        outcomes = [([], gen) for gen in gens]
+    for (i, ids), (steps, gen) in zip(encoded, outcomes, strict=True):
+        params = batch[i]
+        choice = _completion_choice(engine, params, 0, params.prompts[0], ids, steps, gen)
+        results[i] = _completion_body(model_name, [choice], len(ids), len(gen.token_ids))
+    return results
 
 
 def run_chat(engine: Engine, params: ChatParams, model_name: str) -> dict[str, Any]:
@@ -468,11 +619,120 @@ def run_chat(engine: Engine, params: ChatParams, model_name: str) -> dict[str, A
                       "total_tokens": len(ids) + completion_tokens}}
 
 
+MAX_BATCH = 64
+MAX_BATCH_TOKENS = 16384  # prompt + generation positions in one batch: bounds the padded forward's memory
+LOGITS_BUDGET = 2**28  # float32 logits of one batch (positions x vocab, 1 GiB): a 150k vocabulary gets 1,789 positions
+
+
+@dataclass
+class _Job:
+    future: asyncio.Future[Any]
+    kind: str | None  # SCORE / GREEDY, or None: run ``call`` alone
+    params: CompletionParams | None = None
+    call: Callable[[], Any] | None = None
+    size: int = 0  # positions it may occupy (prompt characters or ids + max_tokens): the token-budget estimate
+
+
+def take_batch(queue: deque[_Job], max_batch: int = MAX_BATCH, max_tokens: int = MAX_BATCH_TOKENS) -> list[_Job]:
+    """The next unit of work: the head job, plus, when it is batchable, every waiting job of its kind that fits.
+
+    The head always runs, so an odd request is never starved by a stream of batchable ones; jobs left behind
+    keep their order. Jobs whose client went away (future cancelled) are dropped here."""
+    while queue and queue[0].future.done():
+        queue.popleft()
+    if not queue:
+        return []
+    head = queue.popleft()
+    batch = [head]
+    if head.kind is None:
+        return batch
+    used = head.size
+    kept: deque[_Job] = deque()
+    while queue:
+        job = queue.popleft()
+        if job.future.done():
+            continue
+        if job.kind == head.kind and len(batch) < max_batch and used + job.size <= max_tokens:
+            batch.append(job)
+            used += job.size
+        else:
+            kept.append(job)
+    queue.extend(kept)
+    return batch
+
+
+class EngineWorker:
+    """The engine's only user: requests queue jobs, one task runs them on a thread, batching what waits together.
+
+    Requests that arrive while a forward is running are what concurrency 64 produces; running them as one padded
+    forward is what turns the queue into throughput (vLLM's continuous batching, in its simplest form)."""
+
+    def __init__(self, engine: Engine, model_name: str, max_batch: int = MAX_BATCH) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.max_tokens = max(1, min(MAX_BATCH_TOKENS, LOGITS_BUDGET // max(1, engine.vocab_size)))
+        self._queue: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # units of work run, for the log and the tests
+        self.largest_batch = 0
+
+    async def run_alone(self, call: Callable[[], Any]) -> Any:
+        return await self._submit(_Job(asyncio.get_running_loop().create_future(), None, call=call))
+
+    async def completion(self, params: CompletionParams) -> dict[str, Any]:
+        kind = batch_kind(params) if self.max_batch > 1 else None
+        if kind is None:
+            return dict(await self.run_alone(lambda: run_completion(self.engine, params, self.model_name)))
+        prompt = params.prompts[0]
+        size = len(prompt) + 1 + (params.sampling.max_tokens or 0)
+        return dict(await self._submit(_Job(asyncio.get_running_loop().create_future(), kind, params, size=size)))
+
+    async def _submit(self, job: _Job) -> Any:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._queue.append(job)
+        self._wake.set()
+        return await job.future
+
+    async def _loop(self) -> None:
+        while True:
+            batch = take_batch(self._queue, self.max_batch, self.max_tokens)
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+            try:
+                results = await run_in_threadpool(self._execute, batch)
+            except Exception as exc:  # every waiting request gets the failure; the worker lives on
+                if not isinstance(exc, ApiError):
+                    traceback.print_exc()
+                results = [exc] * len(batch)
+            for job, result in zip(batch, results, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    def _execute(self, batch: list[_Job]) -> list[Any]:
+        head = batch[0]
+        if head.kind is None:
+            assert head.call is not None
+            return [head.call()]
+        params = [job.params for job in batch if job.params is not None]
+        return list(run_completion_batch(self.engine, head.kind, params, self.model_name))
+
+
 # ---------------------------------------------------------------- HTTP
 
 
-def create_app(engine: Engine, served_model_name: str, root: str = "") -> Starlette:
-    lock = asyncio.Lock()
+def create_app(engine: Engine, served_model_name: str, root: str = "", max_batch: int = MAX_BATCH) -> Starlette:
+    worker = EngineWorker(engine, served_model_name, max_batch)
     created = int(time.time())
 
     async def health(_: Request) -> Response:
@@ -496,8 +756,7 @@ def create_app(engine: Engine, served_model_name: str, root: str = "") -> Starle
     async def completions(request: Request) -> Response:
         try:
             params = parse_completion(await _body(request))
-            async with lock:
-                result = await run_in_threadpool(run_completion, engine, params, served_model_name)
+            result = await worker.completion(params)
             return JSONResponse(result)
         except ApiError as err:
             return err.response()
@@ -508,8 +767,7 @@ def create_app(engine: Engine, served_model_name: str, root: str = "") -> Starle
     async def chat(request: Request) -> Response:
         try:
             params = parse_chat(await _body(request))
-            async with lock:
-                result = await run_in_threadpool(run_chat, engine, params, served_model_name)
+            result = await worker.run_alone(lambda: run_chat(engine, params, served_model_name))
             return JSONResponse(result)
         except ApiError as err:
             return err.response()
@@ -553,6 +811,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads; default 1 below 50M parameters (thread overhead dominates), "
                          "else up to 8")
+    ap.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                    help="most waiting scoring (echo) or greedy requests run as one forward; 1 = one at a time")
     ap.add_argument("--allow-remote-bind", action="store_true",
                     help="allow a non-loopback --host (the server has no authentication)")
     return ap.parse_args(argv)
@@ -578,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"quantized_linears={len(loaded.layers)} formats={sorted(set(loaded.layers.values()))} "
           f"not_emulated={loaded.ignored_tensors}", flush=True)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.max_len)
-    app = create_app(engine, args.served_model_name, str(args.checkpoint))
+    app = create_app(engine, args.served_model_name, str(args.checkpoint), max_batch=max(1, args.max_batch))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_keep_alive=30, backlog=256)
     ready_file: Path | None = args.ready_file
