@@ -339,15 +339,16 @@ async def evaluate_task(
                     if progress is not None:
                         progress(done, total)
 
-                # A fixed pool of workers pulls the samples: memory holds `concurrency` samples in flight, not all
-                # of them (10,000 coroutines started at once cost ~7 KB each before their request is even sent).
+                # A fixed pool of workers pulls the samples: memory holds a bounded number of samples in flight, not
+                # all of them (10,000 coroutines started at once cost ~7 KB each before their request is even sent).
+                # Twice the concurrency, so a sample sleeping in retry backoff leaves its request slot to another.
                 pending = iter(todo)
 
                 async def worker() -> None:
                     for sample in pending:
                         await one(sample)
 
-                running = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(todo)))]
+                running = [asyncio.ensure_future(worker()) for _ in range(min(2 * concurrency, len(todo)))]
                 try:
                     await asyncio.gather(*running)
                 except OSError as exc:  # disk full, file removed under us: no retry of samples helps
