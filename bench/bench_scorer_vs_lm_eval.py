@@ -261,7 +261,8 @@ def serve_replay(cache_path: str, ready_path: str) -> int:
 
 
 def transport_floor(cache_path: str, url: str, conc: int, n: int) -> int:
-    """The two HTTP clients alone (httpx: ours; aiohttp: lm-eval's) POSTing recorded scoring requests at the same
+    """The HTTP clients alone (httpx with our lean h11 transport: ours; httpx's default stack; aiohttp: lm-eval's)
+    POSTing recorded scoring requests at the same
     concurrency: the per-request floor each tool sits on, before any scoring logic. Prints one JSON line."""
     import aiohttp
     import httpx
@@ -270,10 +271,13 @@ def transport_floor(cache_path: str, url: str, conc: int, n: int) -> int:
     bodies = [json.loads(k.split(" ", 1)[1]) for k in keys]
     bodies = (bodies * (n // max(len(bodies), 1) + 1))[:n]
 
-    async def with_httpx() -> None:
+    from pytest_day0.scoring.transport import transport_for
+
+    async def with_httpx(lean: bool = True) -> None:
         sem = asyncio.Semaphore(conc)
         limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-        async with httpx.AsyncClient(base_url=url, limits=limits) as client:
+        transport = transport_for(url, conc) if lean else None
+        async with httpx.AsyncClient(base_url=url, limits=limits, transport=transport) as client:
             async def one(body: dict[str, Any]) -> None:
                 async with sem:
                     (await client.post("/v1/completions", json=body)).json()
@@ -288,7 +292,11 @@ def transport_floor(cache_path: str, url: str, conc: int, n: int) -> int:
             await asyncio.gather(*(one(b) for b in bodies))
 
     result: dict[str, Any] = {"requests": len(bodies), "concurrency": conc}
-    for name, fn in (("httpx", with_httpx), ("aiohttp", with_aiohttp)) * 2:  # twice: keep the second
+    async def with_httpx_default() -> None:
+        await with_httpx(lean=False)
+
+    runs = (("httpx", with_httpx), ("httpx_default", with_httpx_default), ("aiohttp", with_aiohttp))
+    for name, fn in runs * 2:  # twice: keep the second
         c0, t0 = time.process_time(), time.perf_counter()
         asyncio.run(fn())
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
@@ -683,10 +691,11 @@ def main() -> int:
     boot = startup(rows)
     print_table(summary, marg, boot, agree)
     if transport:
-        hx, ah = transport["httpx"], transport["aiohttp"]
+        hx, hd, ah = transport["httpx"], transport["httpx_default"], transport["aiohttp"]
         print(f"\nHTTP client floor on the replay server ({transport['requests']} scoring POSTs, concurrency "
-              f"{transport['concurrency']}, no scoring logic): httpx (ours) {hx['req_per_s']} req/s, "
-              f"{hx['cpu_ms_per_req']} ms cpu/req; aiohttp (lm-eval) {ah['req_per_s']} req/s, "
+              f"{transport['concurrency']}, no scoring logic): httpx + our h11 transport (ours) {hx['req_per_s']} "
+              f"req/s, {hx['cpu_ms_per_req']} ms cpu/req; httpx default transport {hd['req_per_s']} req/s, "
+              f"{hd['cpu_ms_per_req']} ms cpu/req; aiohttp (lm-eval) {ah['req_per_s']} req/s, "
               f"{ah['cpu_ms_per_req']} ms cpu/req")
 
     result = {

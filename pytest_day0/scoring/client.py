@@ -20,6 +20,7 @@ from typing import Any, Self
 import httpx
 
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.scoring.transport import transport_for
 from pytest_day0.serving.endpoint import Endpoint
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -104,7 +105,8 @@ class OpenAIClient:
 
     async def __aenter__(self) -> Self:
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.endpoint.headers(), timeout=self._timeout, limits=self._limits
+            base_url=self.base_url, headers=self.endpoint.headers(), timeout=self._timeout, limits=self._limits,
+            transport=transport_for(self.base_url, self._limits.max_connections or 1),
         )
         return self
 
