@@ -209,3 +209,60 @@ def test_metadata_must_be_strings(tmp_path: Path) -> None:
 def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         LocalFileSource(tmp_path / "absent.safetensors")
+
+
+# ---------------------------------------------------------------- fast entry path == detailed checks
+
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pytest_day0.checkpoint.safetensors_header import DTYPE_BITS, _entry_error, _parse_entry  # noqa: E402
+
+_UNREACHABLE = "entry was refused"
+_scalar = st.one_of(st.integers(-3, 70), st.booleans(), st.none(), st.text(max_size=3), st.floats(0, 9))
+_shape = st.one_of(st.lists(st.one_of(st.integers(-1, 9), st.booleans()), max_size=3), _scalar)
+_offsets = st.one_of(st.lists(st.one_of(st.integers(-2, 600), st.booleans()), min_size=0, max_size=3), _scalar)
+
+
+@st.composite
+def _entries(draw: st.DrawFn) -> Any:
+    entry = draw(st.fixed_dictionaries({
+        "dtype": st.one_of(st.sampled_from(sorted(DTYPE_BITS)), st.sampled_from(sorted(DTYPE_BITS)), _scalar),
+        "shape": st.one_of(st.lists(st.integers(-1, 3), max_size=3), _shape),
+        "data_offsets": _offsets,
+    }))
+    missing = draw(st.sampled_from([None, None, None, "dtype", "shape", "data_offsets"]))
+    if missing is not None:
+        del entry[missing]
+    if draw(st.booleans()) and isinstance(entry.get("shape"), list) and "dtype" in entry:  # often exactly right
+        bits = DTYPE_BITS.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        dims = entry["shape"]
+        if bits is not None and all(type(d) is int for d in dims):  # negative dims too: a 0 can hide them
+            for d in dims:
+                bits *= d
+            begin = draw(st.integers(0, 50))
+            entry["data_offsets"] = [begin, begin + max(bits // 8, 0) + draw(st.sampled_from([0, 0, 0, 1]))]
+    return draw(st.one_of(st.just(entry), st.just(entry), _scalar))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(value=_entries())
+@example({"dtype": "F32", "shape": [-1, 0], "data_offsets": [0, 0]})  # a zero dim hides a negative one
+@example({"dtype": "F32", "shape": [0, -1], "data_offsets": [4, 4]})
+@example({"dtype": "BOOL", "shape": [True], "data_offsets": [0, 1]})  # JSON true is not a dimension
+@example({"dtype": "F32", "shape": [2], "data_offsets": [False, 8]})
+@example({"dtype": "F32", "shape": [3], "data_offsets": [-12, 0]})
+@example({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})  # valid
+@example({"dtype": "F32", "shape": [], "data_offsets": [0, 4]})  # a valid scalar
+@example({"dtype": "F4", "shape": [3], "data_offsets": [0, 1]})  # 12 bits: not a whole number of bytes
+def test_the_fast_entry_path_accepts_exactly_what_the_detailed_checks_accept(value: Any) -> None:
+    """``_parse_entry``'s straight path was written for speed (100k tensors in < 1 s); the detailed checks say why
+    an entry is bad. They must agree: a fast accept the checks would refuse would let a bad header through."""
+    detailed = str(_entry_error("t", value, "s.safetensors"))
+    try:
+        _parse_entry("t", value, "s.safetensors")
+    except Day0Error as exc:
+        assert _UNREACHABLE not in str(exc), f"fast path refused what the detailed checks accept: {value!r}"
+        assert str(exc) == detailed
+    else:
+        assert _UNREACHABLE in detailed, f"fast path accepted {value!r}, detailed checks say: {detailed}"
