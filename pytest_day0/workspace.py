@@ -47,6 +47,22 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_events(root: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """A workspace's events.jsonl, skipping a line being written right now (readers never lock)."""
+    path = root / "events.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if kind is None or rec.get("event") == kind:
+            out.append(rec)
+    return out
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -119,15 +135,4 @@ class Workspace:
             fh.write(line + "\n")
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        path = self.root / "events.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if kind is None or rec.get("event") == kind:
-                out.append(rec)
-        return out
+        return read_events(self.root, kind)

@@ -6,31 +6,16 @@ be dead); they read the machine directly.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from cluster.loopback import processes_mentioning  # re-exported: one /proc scan for every test
+
+from pytest_day0.workspace import read_events as events  # noqa: F401 - re-exported for the fault tests
 
 T = TypeVar("T")
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """``pid: cmdline`` of live processes whose command line contains ``text`` (zombies and this one excluded)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(f"{proc.name}: {cmdline.strip()}")
-    return found
 
 
 def pids_mentioning(*texts: str) -> list[int]:
@@ -41,22 +26,6 @@ def pids_mentioning(*texts: str) -> list[int]:
         if all(t in cmdline for t in texts[1:]):
             pids.append(int(pid))
     return pids
-
-
-def events(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The workspace's events.jsonl (what actually ran), tolerant of a line being written right now."""
-    path = workdir / "events.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if kind is None or rec.get("event") == kind:
-            out.append(rec)
-    return out
 
 
 def port_refuses(url_or_port: str | int, host: str = "127.0.0.1") -> bool:
