@@ -25,19 +25,28 @@ from pytest_day0.failures import Day0Error, FailureClass
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """A reader never sees half a file: write beside it, fsync, rename over it."""
+def replace_file(path: Path, text: str) -> None:
+    """A reader never sees half a file: write beside it, fsync, rename over it. Raises OSError, leaving the old
+    file and no temporary copy, for callers that word their own error (the records file counts what it kept)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``replace_file`` for the workspace's own files: a full disk is one SYSTEMIC line, not a traceback."""
+    try:
+        replace_file(path, text)
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
             raise Day0Error(FailureClass.SYSTEMIC, f"cannot write {path}: {exc.strerror} "
                             "(the previous file, if any, is intact)", errno=exc.errno) from None
         raise

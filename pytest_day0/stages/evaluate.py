@@ -34,7 +34,7 @@ from pytest_day0.scoring.metrics import (
 from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import Sample, Task
 from pytest_day0.serving.endpoint import Endpoint
-from pytest_day0.workspace import DISK_ERRNOS
+from pytest_day0.workspace import DISK_ERRNOS, replace_file
 
 Progress = Callable[[int, int], None]
 
@@ -103,17 +103,7 @@ def _drop_torn_tail(path: Path) -> None:
 
 def _write_compacted(path: Path, records: Sequence[SampleRecord]) -> None:
     """Leave exactly one record per sample, in task order, replaced atomically (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(rec.model_dump_json() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written copy beside the records
-        raise
+    replace_file(path, "".join(rec.model_dump_json() + "\n" for rec in records))
 
 
 class _Appender:
