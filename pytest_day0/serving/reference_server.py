@@ -295,16 +295,37 @@ class Engine:
                 steps.append(_step(logp[pos - 1], ids[pos], k))
         return steps, logits[-1], out.past_key_values
 
-    @torch.inference_mode()
-    def generate(self, ids: list[int], params: SamplingParams, first: tuple[torch.Tensor, Any] | None = None,
-                 generator: torch.Generator | None = None) -> Generation:
+    def _budget(self, ids: list[int], params: SamplingParams) -> int:
         if params.max_tokens is not None:
             budget = params.max_tokens
         else:  # OpenAI chat default: as much as the context allows
             budget = self.max_len - len(ids) if self.max_len else DEFAULT_MAX_TOKENS_UNBOUNDED
         if self.max_len:
             budget = min(budget, self.max_len - len(ids))  # RoPE past the trained length is not the model
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        return budget
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+
+    def _stopped(self, generated: list[int], stop_ids: set[int],
+                 params: SamplingParams) -> tuple[str | int | None, str | None] | None:
+        """After appending a token: (stop_reason, text cut at a stop string) when decoding ends here, else None.
+        One rule for the single and the batched loop, so batching cannot change where an answer stops."""
+        token = generated[-1]
+        if token in stop_ids:
+            return (None if token in self.eos_ids else token), None
+        if params.stop:
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            hit = _first_stop(text, params.stop)
+            if hit is not None:  # the stop string is not part of the output, as in vLLM
+                return hit[1], text[: hit[0]]
+        return None
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], params: SamplingParams, first: tuple[torch.Tensor, Any] | None = None,
+                 generator: torch.Generator | None = None) -> Generation:
+        budget = self._budget(ids, params)
+        stop_ids = self._stop_ids(params)
         if first is None:
             out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
             logits, past = out.logits[0, -1].float(), out.past_key_values
@@ -320,15 +341,10 @@ class Engine:
             generated.append(token)
             if params.logprobs is not None:
                 steps.append(_step(torch.log_softmax(logits, dim=-1), token, params.logprobs))
-            if token in stop_ids:
-                finish, stop_reason = "stop", (None if token in self.eos_ids else token)
+            stopped = self._stopped(generated, stop_ids, params)
+            if stopped is not None:
+                finish, (stop_reason, stopped_text) = "stop", stopped
                 break
-            if params.stop:
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                hit = _first_stop(text, params.stop)
-                if hit is not None:  # the stop string is not part of the output, as in vLLM
-                    finish, stop_reason, stopped_text = "stop", hit[1], text[: hit[0]]
-                    break
             if len(generated) >= budget:
                 break
             out = self.model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
@@ -374,12 +390,8 @@ class Engine:
         for row, (ids, params) in enumerate(batch):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             mask[row, width - len(ids):] = 1
-            budget = params.max_tokens if params.max_tokens is not None else (
-                self.max_len - len(ids) if self.max_len else DEFAULT_MAX_TOKENS_UNBOUNDED)
-            if self.max_len:
-                budget = min(budget, self.max_len - len(ids))
-            budgets.append(budget)
-            stop_ids.append(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
+            budgets.append(self._budget(ids, params))
+            stop_ids.append(self._stop_ids(params))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         logits, past = out.logits[:, -1].float(), out.past_key_values
@@ -399,15 +411,10 @@ class Engine:
                 generated[row].append(token)
                 if params.logprobs is not None:
                     steps[row].append(_step(torch.log_softmax(logits[row], dim=-1), token, params.logprobs))
-                if token in stop_ids[row]:
-                    finish[row], stop_reason[row] = "stop", (None if token in self.eos_ids else token)
+                stopped = self._stopped(generated[row], stop_ids[row], params)
+                if stopped is not None:
+                    finish[row], (stop_reason[row], stopped_text[row]) = "stop", stopped
                     active[row] = False
-                elif params.stop:
-                    text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
-                    hit = _first_stop(text, params.stop)
-                    if hit is not None:
-                        finish[row], stop_reason[row], stopped_text[row] = "stop", hit[1], text[: hit[0]]
-                        active[row] = False
                 if len(generated[row]) >= budgets[row]:
                     active[row] = False
             if not any(active):
