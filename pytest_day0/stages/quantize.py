@@ -76,18 +76,50 @@ def calibration_batches(tokenizer: Any, text: str, samples: int, seq_len: int) -
     return batches
 
 
+def load_for_calibration(source: Path, dtype: Any, calibration_text: str, calib_size: int,
+                         calib_seq: int) -> tuple[Any, list[Any]]:
+    """The model and its calibration batches, seeded: every engine's child starts from the same inputs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    batches = calibration_batches(tokenizer, calibration_text, calib_size, calib_seq)
+    if not batches:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, "calibration text is empty")
+    return model, batches
+
+
+def copy_tokenizer_files(source: Path, export_dir: Path) -> None:
+    """Tokenizer files travel with the checkpoint byte for byte: re-saving them through transformers rewrites
+    them (runtime truncation state, a moved chat template), which users would get as a different tokenizer."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, export_dir / name)
+
+
+def child_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every quantize engine's child takes, so the parent builds one argv for all of them."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--export-path", required=True, type=Path)
+    parser.add_argument("--calibration", required=True, type=Path)
+    parser.add_argument("--calib-size", type=int, default=64)
+    parser.add_argument("--calib-seq", type=int, default=64)
+    return parser
+
+
 def run_modelopt_ptq(source: Path, recipe: Recipe, export_dir: Path, calibration_text: str, calib_size: int,
                      calib_seq: int) -> dict[str, Any]:
     """The child-process body: load, calibrate, quantize, export. Heavy imports stay in here."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(0)
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model, batches = load_for_calibration(source, torch.float32, calibration_text, calib_size, calib_seq)
     model.eval()  # type: ignore[no-untyped-call]
     if "OMP_NUM_THREADS" not in os.environ and sum(p.numel() for p in model.parameters()) < 50_000_000:
         # A tiny model gains nothing from threads and loses a lot to contention (measured 190 s vs 50 s for
@@ -95,9 +127,6 @@ def run_modelopt_ptq(source: Path, recipe: Recipe, export_dir: Path, calibration
         torch.set_num_threads(1)
     if not getattr(model.config, "architectures", None):  # ModelOpt's export iterates it
         model.config.architectures = [type(model).__name__]
-    batches = calibration_batches(tokenizer, calibration_text, calib_size, calib_seq)
-    if not batches:
-        raise Day0Error(FailureClass.USER_CONFIG_ERROR, "calibration text is empty")
 
     def forward_loop(m: Any) -> None:
         with torch.no_grad():
@@ -110,23 +139,12 @@ def run_modelopt_ptq(source: Path, recipe: Recipe, export_dir: Path, calibration
     model = mtq.quantize(model, config, forward_loop)
     mtq.print_quant_summary(model) if hasattr(mtq, "print_quant_summary") else None
     export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
-    # Tokenizer files travel with the checkpoint byte for byte: re-saving them through transformers rewrites
-    # them (runtime truncation state, a moved chat template), which users would get as a different tokenizer.
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, export_dir / name)
+    copy_tokenizer_files(source, export_dir)
     return {"seconds": round(time.time() - started, 3)}
 
 
 def _child_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="ModelOpt PTQ + HF export (pytest-day0's quantize job)")
-    parser.add_argument("--model", required=True, type=Path)
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--export-path", required=True, type=Path)
-    parser.add_argument("--calibration", required=True, type=Path)
-    parser.add_argument("--calib-size", type=int, default=64)
-    parser.add_argument("--calib-seq", type=int, default=64)
-    args = parser.parse_args(argv)
+    args = child_parser("ModelOpt PTQ + HF export (pytest-day0's quantize job)").parse_args(argv)
     return run_child(lambda: run_modelopt_ptq(args.model, resolve_recipe(args.recipe), args.export_path,
                                               args.calibration.read_text(), args.calib_size, args.calib_seq),
                      _classify)

@@ -11,7 +11,6 @@ W8A8 = SmoothQuant (0.8) + GPTQ, W4A16 / W8A16 = GPTQ, FP8_DYNAMIC = round-to-ne
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -33,11 +32,12 @@ from pytest_day0.stages.engines_env import child_env, engines_python, require_mo
 from pytest_day0.stages.quantize import (
     DONE_MARKER,
     RESULT_PREFIX,
-    TOKENIZER_FILES,
     QuantizeResult,
     _last_result,
-    calibration_batches,
+    child_parser,
+    copy_tokenizer_files,
     is_finished,
+    load_for_calibration,
     log_tail,
     run_child,
 )
@@ -78,15 +78,9 @@ def run_oneshot(source: Path, recipe: Recipe, export_dir: Path, calibration_text
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(0)
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-    batches = calibration_batches(tokenizer, calibration_text, calib_size, calib_seq)
-    if not batches:
-        raise Day0Error(FailureClass.USER_CONFIG_ERROR, "calibration text is empty")
+    model, batches = load_for_calibration(source, torch.bfloat16, calibration_text, calib_size, calib_seq)
     dataset = Dataset.from_dict({"input_ids": [ids[0].tolist() for ids in batches]})
     modifiers = [_modifier(cls, kwargs) for cls, kwargs in modifiers_for(recipe.scheme)]
     print(f"[day0] llm-compressor {recipe.scheme} on {source}: "
@@ -95,10 +89,7 @@ def run_oneshot(source: Path, recipe: Recipe, export_dir: Path, calibration_text
     oneshot(model=model, dataset=dataset, recipe=modifiers, max_seq_length=calib_seq,
             num_calibration_samples=len(batches))
     model.save_pretrained(export_dir, save_compressed=True)
-    # Tokenizer files travel byte for byte (re-saving through transformers rewrites them).
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, export_dir / name)
+    copy_tokenizer_files(source, export_dir)
     return {"seconds": round(time.time() - started, 3)}
 
 
@@ -112,14 +103,7 @@ def _classify(exc: BaseException) -> FailureClass:
 
 
 def _child_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="llm-compressor oneshot (pytest-day0's quantize job)")
-    parser.add_argument("--model", required=True, type=Path)
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--export-path", required=True, type=Path)
-    parser.add_argument("--calibration", required=True, type=Path)
-    parser.add_argument("--calib-size", type=int, default=64)
-    parser.add_argument("--calib-seq", type=int, default=64)
-    args = parser.parse_args(argv)
+    args = child_parser("llm-compressor oneshot (pytest-day0's quantize job)").parse_args(argv)
 
     def body() -> dict[str, Any]:
         recipe = resolve_recipe(args.recipe)
