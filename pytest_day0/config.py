@@ -83,6 +83,10 @@ OPTIONS: tuple[Option, ...] = (
            "--dtype float32'); they override ours"),
     Option("baseline_url", "--day0-baseline-url", "OpenAI-compatible URL serving the baseline (--day0-serve external)"),
     Option("candidate_url", "--day0-candidate-url", "URL serving the candidate (--day0-serve external)"),
+    Option("baseline_model", "--day0-baseline-model", "model name to ask the baseline URL for (required when its "
+           "/v1/models lists several)"),
+    Option("candidate_model", "--day0-candidate-model", "model name to ask the candidate URL for (required when its "
+           "/v1/models lists several)"),
     Option("api_key", "--day0-api-key", "API key for external endpoints (prefer the DAY0_API_KEY environment variable)",
            secret=True),
     Option("concurrency", "--day0-concurrency", "requests in flight per evaluation", kind="int", default=16),
@@ -141,6 +145,8 @@ class RunConfig(BaseModel):
     vllm_args: str | None = None
     baseline_url: str | None = None
     candidate_url: str | None = None
+    baseline_model: str | None = None
+    candidate_model: str | None = None
     api_key: SecretStr | None = None
     concurrency: int = Field(default=16, ge=1, le=1024)
     fresh: bool = False
@@ -274,6 +280,9 @@ class RunConfig(BaseModel):
             raise ValueError("--day0-quantize existing gates one checkpoint: give exactly one --recipe")
         if self.serve == "external" and not (self.baseline_url and self.candidate_url):
             raise ValueError("--day0-serve external needs --day0-baseline-url and --day0-candidate-url")
+        if self.serve != "external" and (self.baseline_model or self.candidate_model):
+            raise ValueError("--day0-baseline-model/--day0-candidate-model name the models of external endpoints: "
+                             "add --day0-serve external")
         if self.serve == "external" and len(self.recipes) != 1:
             raise ValueError("--day0-serve external serves one candidate: give exactly one --recipe")
         if self.eval == "lm-eval":

@@ -83,12 +83,16 @@ class ServeRequest:
 
 @dataclass(frozen=True)
 class EvalRequest:
+    """Score ``task`` on ``endpoint`` into ``records_path`` (resumable); give up after ``timeout_s`` with
+    Day0Error(INFRA_TRANSIENT) naming the stage, keeping every finished record for the retry."""
+
     task: Task
     endpoint: Endpoint
     records_path: Path
     side: str
     concurrency: int
     progress: Callable[[int, int], None] | None = None
+    timeout_s: float | None = None
 
 
 # ---------------------------------------------------------------------- engine descriptors
@@ -123,22 +127,27 @@ class ServeEngine:
     """``start`` returns a ServerHandle once the endpoint answers, or raises Day0Error.
 
     ``managed=False`` means someone else runs the server (``external``): nothing is started or stopped.
+    ``version(config)`` goes into the key of everything served by it (its records), so an upgrade re-evaluates.
     """
 
     name: str
     start: Callable[[ServeRequest], ServerHandle]
     managed: bool = True
     description: str = ""
+    version: Callable[[Any], str | None] = _no_version
     kind: Literal["serve"] = field(default="serve", init=False)
 
 
 @dataclass(frozen=True)
 class EvalEngine:
-    """``evaluate`` scores one task on one side and returns its TaskResult (records at ``records_path``)."""
+    """``evaluate`` scores one task on one side and returns its TaskResult (records at ``records_path``).
+
+    ``version(config)`` goes into the records' key: a scorer whose semantics changed never reuses old records."""
 
     name: str
     evaluate: Callable[[EvalRequest], TaskResult]
     description: str = ""
+    version: Callable[[Any], str | None] = _no_version
     kind: Literal["eval"] = field(default="eval", init=False)
 
 
@@ -269,6 +278,32 @@ def _existing_run(req: QuantizeRequest) -> QuantizeResult:
     return use_existing(Path(checkpoint), req.recipe)
 
 
+def code_version(*modules: str) -> str:
+    """This package's version and the bytes of the modules whose behaviour an artifact depends on: an upgrade, or
+    a fix in a source checkout, re-makes what those modules made (a server's numerics, a scorer's semantics)."""
+    import importlib.util
+
+    from pytest_day0 import __version__
+    from pytest_day0.workspace import digest, file_digest
+
+    files = []
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        origin = spec.origin if spec is not None else None
+        files.append(file_digest(Path(origin)) if origin else module)
+    return f"{__version__}+{digest(files)[:12]}"
+
+
+@functools.cache
+def _reference_version() -> str:
+    return code_version("pytest_day0.serving.dequant", "pytest_day0.serving.reference_server")
+
+
+@functools.cache
+def _scorer_version() -> str:
+    return code_version("pytest_day0.stages.evaluate", "pytest_day0.scoring.metrics", "pytest_day0.scoring.tasks")
+
+
 def _reference_start(req: ServeRequest) -> ServerHandle:
     from pytest_day0.stages.serve import start_reference_server
 
@@ -276,22 +311,35 @@ def _reference_start(req: ServeRequest) -> ServerHandle:
 
 
 def _external_start(req: ServeRequest) -> ServerHandle:
-    raise Day0Error(FailureClass.USER_CONFIG_ERROR,
-                    "the external engine starts nothing: give --day0-baseline-url and --day0-candidate-url")
+    """The side's URL and model name from the configuration; the one code path for external endpoints."""
+    from pytest_day0.stages.serve import external_endpoint
+
+    config = req.config
+    baseline = req.name == "baseline"
+    url = getattr(config, "baseline_url" if baseline else "candidate_url", None)
+    if not url:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR,
+                        "the external engine starts nothing: give --day0-baseline-url and --day0-candidate-url")
+    model = getattr(config, "baseline_model" if baseline else "candidate_model", None)
+    flag = "--day0-baseline-model" if baseline else "--day0-candidate-model"
+    return external_endpoint(url, model, getattr(config, "api_key", None), timeout_s=min(req.timeout_s, 30.0),
+                             model_flag=flag)
 
 
 def _scorer_evaluate(req: EvalRequest) -> TaskResult:
     from pytest_day0.stages.evaluate import run_evaluation
 
     return run_evaluation(req.task, req.endpoint, req.records_path, req.side, concurrency=req.concurrency,
-                          progress=req.progress)
+                          progress=req.progress, deadline_s=req.timeout_s)
 
 
 MODELOPT = QuantizeEngine("modelopt", _modelopt_run, _modelopt_supports, _modelopt_version,
                           "NVIDIA ModelOpt PTQ + HF export, in a child process")
 EXISTING = QuantizeEngine("existing", _existing_run, description="gate a checkpoint made elsewhere "
                           "(--day0-checkpoint)")
-REFERENCE = ServeEngine("reference", _reference_start, description="the embedded CPU server (emulated numerics)")
+REFERENCE = ServeEngine("reference", _reference_start, description="the embedded CPU server (emulated numerics)",
+                        version=lambda _config: _reference_version())
 EXTERNAL = ServeEngine("external", _external_start, managed=False,
                        description="URLs someone else serves (--day0-baseline-url/--day0-candidate-url)")
-SCORER = EvalEngine("scorer", _scorer_evaluate, description="the built-in OpenAI-API scorer (lm-eval semantics)")
+SCORER = EvalEngine("scorer", _scorer_evaluate, description="the built-in OpenAI-API scorer (lm-eval semantics)",
+                     version=lambda _config: _scorer_version())

@@ -1,7 +1,9 @@
 """pytest wiring only: options, the built-in suite's collection, fixtures, report hooks, xdist hooks.
 
-Nothing here computes a decision: gates live in ``gates/``, the verdict in ``verdict.py``, report
-formatting in ``report/``; this module moves their inputs and outputs between pytest's phases.
+Nothing here computes a decision: gates live in ``gates/``, the verdict in ``verdict.py``, report formatting in
+``report/``; this module moves their inputs and outputs between pytest's phases. Inert unless ``--day0-model``
+is given: a session that does not use it pays one option table and one config check. Per-session state lives in
+``config.stash`` and in one ``Day0Session`` object registered per session (never in module globals).
 """
 
 from __future__ import annotations
@@ -15,29 +17,29 @@ import pytest
 
 from pytest_day0.config import OPTIONS, RunConfig, build_config
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
+from pytest_day0.gates.outcome import GateOutcome, breach_status
+from pytest_day0.release.state import (
+    CONFIG_KEY,
+    IDENTITY_KEY,
+    OUTCOME_KEY,
+    STATE_KEY,
+    GateIdentity,
+    SessionState,
+)
 
-CONFIG_KEY = pytest.StashKey[RunConfig]()
-STATE_KEY = pytest.StashKey["SessionState"]()
 SUITE_PATH = Path(__file__).resolve().parent / "release" / "suite.py"
 SUITE_NODEID = "day0"
 WARNED = "warned"
-
-
-class SessionState:
-    """What the controller (or the only process) accumulates for the verdict and the reports."""
-
-    def __init__(self, config: RunConfig, session_id: str, task_names: list[str], owner_pid: int) -> None:
-        self.config = config
-        self.session_id = session_id
-        self.owner_pid = owner_pid  # the process that lives as long as the session (xdist: the controller)
-        self.task_names = task_names
-        self.outcomes: list[Any] = []
-        self.chain: Any = None
-        self.session_verdict: Any = None
-        self.stopped_servers: list[str] = []
+OUTCOME_PROPERTY = "day0_outcome"  # the one JSON property the controller reads back with the model's validation
 
 
 # ---------------------------------------------------------------------- options
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_day0 import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -96,8 +98,18 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     session_id = workerinput["day0_session"] if workerinput else uuid.uuid4().hex[:12]
     owner_pid = int(workerinput["day0_owner_pid"]) if workerinput else os.getpid()
-    config.stash[STATE_KEY] = SessionState(run, session_id, names, owner_pid)
-    if workerinput is None:
+    state = SessionState(run, session_id, names, owner_pid, controller=workerinput is None)
+    config.stash[STATE_KEY] = state
+    config.pluginmanager.register(Day0Session(config, state), f"day0-session-{session_id}")
+    if state.controller and not config.option.collectonly:
+        from pytest_day0.release.runner import start_session
+        from pytest_day0.workspace import Workspace
+
+        try:  # the once-per-session decisions every worker reads (whether this session is fresh)
+            start_session(Workspace(run.workdir), session_id, fresh=run.fresh)
+        except (Day0Error, OSError) as exc:
+            raise pytest.UsageError(f"[{FailureClass.USER_CONFIG_ERROR}] --day0-workdir {run.workdir}: {exc}") \
+                from None
         _terminate_as_interrupt()
 
 
@@ -121,6 +133,7 @@ def _terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist controller -> worker: one session id, so every process shares the same stage records."""
     state = node.config.stash.get(STATE_KEY, None)
@@ -129,11 +142,20 @@ def pytest_configure_node(node: Any) -> None:
         node.workerinput["day0_owner_pid"] = state.owner_pid
 
 
-def _is_controller(config: pytest.Config) -> bool:
-    return not hasattr(config, "workerinput")
-
-
 # ---------------------------------------------------------------------- collection
+
+
+class ReleaseSuite(pytest.Module):
+    """The built-in suite as a module; gates that do not apply to this run are never generated (no phantom
+    items: the 'collected N items' header counts what runs)."""
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        from pytest_day0.release.suite import published_tasks
+
+        state = self.config.stash[STATE_KEY]
+        keep_published = bool(published_tasks(state.config, state.task_names))
+        return [node for node in super().collect()
+                if keep_published or getattr(node, "originalname", node.name) != "test_published_baseline"]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -142,21 +164,22 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     state = config.stash.get(STATE_KEY, None)
     if state is None:
         return
-    module = pytest.Module.from_parent(session, path=SUITE_PATH, nodeid=SUITE_NODEID)
-    from pytest_day0.release.suite import GATES, TIERS, collected
+    from pytest_day0.release.suite import GATES, TIERS
 
-    suite_items = [item for item in session.genitems(module) if isinstance(item, pytest.Item)
-                   and collected(item, state.config)]
-
+    module = ReleaseSuite.from_parent(session, path=SUITE_PATH, nodeid=SUITE_NODEID)
+    suite_items = [item for item in session.genitems(module) if isinstance(item, pytest.Item)]
     for item in suite_items:
         gate = GATES.get(getattr(item, "originalname", item.name), "")
         params = getattr(item, "callspec", None)
         values = params.params if params is not None else {}
+        identity = GateIdentity(gate=gate, tier=TIERS.get(gate, Tier.HARD), recipe=values.get("day0_recipe"),
+                                task=values.get("day0_task"), side=values.get("day0_side"))
+        item.stash[IDENTITY_KEY] = identity
         item.user_properties.append(("day0_gate", gate))
-        item.user_properties.append(("tier", str(TIERS.get(gate, Tier.HARD))))
-        for key in ("day0_recipe", "day0_task", "day0_side"):
-            if key in values:
-                item.user_properties.append((key.removeprefix("day0_"), str(values[key])))
+        item.user_properties.append(("tier", str(identity.tier)))
+        for key in ("recipe", "task", "side"):
+            if getattr(identity, key) is not None:
+                item.user_properties.append((key, str(getattr(identity, key))))
     items[:0] = suite_items
 
 
@@ -249,7 +272,7 @@ def _progress_writer(config: pytest.Config) -> Any:
             return
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         capture = config.pluginmanager.get_plugin("capturemanager")
-        if reporter is None or not _is_controller(config):
+        if reporter is None or hasattr(config, "workerinput"):
             return
         if capture is not None:
             with capture.global_and_fixture_disabled():
@@ -272,138 +295,156 @@ def _own_line(reporter: Any, line: str) -> None:
 # ---------------------------------------------------------------------- reports
 
 
-def _prop(report: Any, key: str) -> Any:
-    for k, v in getattr(report, "user_properties", []):
-        if k == key:
-            return v
-    return None
+def _outcome_of(item: pytest.Item, identity: GateIdentity, call: pytest.CallInfo[None],
+                warn_as_error: bool) -> GateOutcome:
+    """The gate's typed outcome: the one its test attached, else the one its exception carries."""
+    from pytest_day0.release.suite import UpstreamSkip
+
+    attached = item.stash.get(OUTCOME_KEY, None)
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(exc, UpstreamSkip):
+        built = GateOutcome(gate=identity.gate, status="skipped", tier=identity.tier,
+                            failure_class=exc.failure_class, message=exc.day0_message)
+        outcome = attached if attached is not None and attached.status == "skipped" else built
+    elif isinstance(exc, pytest.skip.Exception):
+        outcome = GateOutcome(gate=identity.gate, status="skipped", tier=identity.tier,
+                              message=" ".join(str(exc.msg or "").split()))
+    elif isinstance(exc, (GateFailure, Day0Error)):
+        tier = exc.tier if isinstance(exc, GateFailure) else Tier.HARD
+        if attached is not None and attached.status in ("failed", "warned"):
+            outcome = attached
+        else:
+            outcome = GateOutcome(gate=identity.gate, tier=tier, failure_class=exc.failure_class,
+                                  message=exc.message, status=breach_status(False, tier, warn_as_error=warn_as_error))
+    elif exc is not None:  # a bug, in our suite or in a stage: say so, with its type; the traceback stays
+        outcome = GateOutcome(gate=identity.gate, status="failed", tier=Tier.HARD, failure_class=FailureClass.UNKNOWN,
+                              message=" ".join(f"{type(exc).__name__}: {exc}".split())[:500])
+    else:
+        outcome = attached or GateOutcome(gate=identity.gate, status="passed", tier=identity.tier)
+    return outcome.model_copy(update={
+        "recipe": outcome.recipe or identity.outcome_recipe(), "task": outcome.task or identity.task,
+        "side": outcome.side or identity.side, "nodeid": item.nodeid})
 
 
-@pytest.hookimpl(wrapper=True)
+def _set_properties(item: pytest.Item, outcome: GateOutcome) -> None:
+    """Flat properties every JUnit/JSON reader shows (failure_class empty on a pass), plus the typed outcome."""
+    props = [(k, v) for k, v in item.user_properties if k != "tier"]
+    props += [("tier", str(outcome.tier)), ("day0_status", outcome.status),
+              ("failure_class", str(outcome.failure_class or "")), ("day0_message", outcome.message)]
+    taken = {k for k, _ in props}
+    props += [(k, v if isinstance(v, (int, float, str)) else str(v)) for k, v in outcome.numbers.items()
+              if v is not None and k not in taken]
+    props.append((OUTCOME_PROPERTY, outcome.model_dump_json()))
+    item.user_properties[:] = props
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Inner wrapper (trylast): its properties are in place before pytest-json-report reads the metadata."""
     report = yield
-    if _prop(item, "day0_gate") is None and call.excinfo is None:
-        return report
+    identity = item.stash.get(IDENTITY_KEY, None)
     excinfo = call.excinfo
-    # setup too: a stage failing inside a fixture is one line as well (a traceback would show its locals with -l)
-    if excinfo is not None and isinstance(excinfo.value, (GateFailure, Day0Error)) and report.when in ("setup", "call"):
-        exc = excinfo.value
-        tier = getattr(exc, "tier", Tier.HARD)
-        item.user_properties.append(("failure_class", str(exc.failure_class)))
-        item.user_properties.append(("day0_message", exc.message))
-        message = f"[{exc.failure_class}] {exc.message}"
-        detail = getattr(exc, "detail", None)
-        gate_mode = item.config.stash[CONFIG_KEY].gate_mode
-        if tier is Tier.WARN and gate_mode != "hard":
+    if identity is None:  # a user's own test: a stage failing inside one of our fixtures is one line as well
+        if excinfo is not None and isinstance(excinfo.value, (GateFailure, Day0Error)) and report.when != "teardown":
+            report.longrepr = str(excinfo.value)
+            item.user_properties += [("failure_class", str(excinfo.value.failure_class)),
+                                     ("day0_message", excinfo.value.message)]
+            report.user_properties = list(item.user_properties)
+        return report
+    decided = report.when == "call" or (report.when == "setup" and not report.passed)
+    if decided:
+        config = item.config.stash[CONFIG_KEY]
+        outcome = _outcome_of(item, identity, call, warn_as_error=config.gate_mode == "hard")
+        _set_properties(item, outcome)
+        message = f"[{outcome.failure_class}] {outcome.message}" if outcome.failure_class else outcome.message
+        if outcome.status == "skipped" and isinstance(report.longrepr, tuple):  # ours, not the exception's type
+            report.longrepr = (report.longrepr[0], report.longrepr[1], message)
+        elif outcome.status == WARNED:
             report.outcome = "skipped"
             report.wasxfail = message
             report.longrepr = None
-            item.user_properties.append(("day0_status", WARNED))
-        else:
+        elif outcome.status == "failed" and excinfo is not None and isinstance(excinfo.value, (GateFailure, Day0Error)):
+            detail = excinfo.value.detail if isinstance(excinfo.value, GateFailure) else None
             report.longrepr = message + (f"\n{detail}" if detail else "")
-            item.user_properties.append(("day0_status", "failed"))
-            if exc.failure_class is FailureClass.SYSTEMIC:
-                # shouldfail, not shouldstop: pytest maps shouldstop to exit 2 ("interrupted by the user");
-                # a systemic failure is a failed test (exit 1), as in the verdict's exit status.
+            if outcome.failure_class is FailureClass.SYSTEMIC or (
+                    identity.gate == "setup" and outcome.failure_class is FailureClass.USER_CONFIG_ERROR):
+                # shouldfail, not shouldstop: pytest maps shouldstop to exit 2 ("interrupted by the user"); the
+                # run failed and nothing later can succeed.
                 item.session.shouldfail = message
-    elif report.when in ("setup", "call") and report.skipped and _prop(item, "day0_gate") is not None:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        reason = reason.removeprefix("Skipped: ")
-        if reason.startswith("[") and "]" in reason:
-            item.user_properties.append(("failure_class", reason[1:reason.index("]")]))
-            reason = reason[reason.index("]") + 1:].strip()
-        item.user_properties.append(("day0_message", reason))
-        item.user_properties.append(("day0_status", "skipped"))
-    elif report.when == "call" and report.passed and _prop(item, "day0_gate") is not None:
-        item.user_properties.append(("day0_status", "passed"))
     report.user_properties = list(item.user_properties)
     return report
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
-    if report.when == "call" and _prop(report, "day0_status") == WARNED:
+    if report.when == "call" and any(k == "day0_status" and v == WARNED for k, v in report.user_properties):
         return WARNED, "W", ("WARN", {"yellow": True})
     return None
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """On the controller: turn each gate test's final report into a GateOutcome for the verdict."""
-    if report.when != "teardown" or _prop(report, "day0_gate") is None:
-        return
-    config = _CONFIG.get("config")
-    if config is None or not _is_controller(config):
-        return
-    state = config.stash.get(STATE_KEY, None)
-    if state is None:
-        return
-    from pytest_day0.report.outcomes import outcome_from_properties
-
-    outcome = outcome_from_properties(report.nodeid, report.user_properties)
-    if outcome is not None:
-        state.outcomes.append(outcome)
-
-
-_CONFIG: dict[str, pytest.Config] = {}
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG["config"] = session.config
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
-    """Before every other sessionfinish: pytest-json-report's (itself tryfirst) embeds the verdict there."""
-    _finish_session(session)
-    return (yield)
-
-
-def _finish_session(session: pytest.Session) -> None:
-    config = session.config
-    state = config.stash.get(STATE_KEY, None)
-    if state is None or not _is_controller(config):
-        return
-    from pytest_day0.release.chain import ReleaseChain
-    from pytest_day0.report import session_report
-
-    chain = state.chain or ReleaseChain(state.config, state.session_id)
-    state.stopped_servers = chain.stop_servers()
-    if config.option.collectonly:  # nothing ran: no verdict, and the last real verdict.json stays
-        return
-    state.session_verdict = session_report.finish(state, config)
-    systemic = any(o.status == "failed" and o.failure_class is FailureClass.SYSTEMIC for o in state.outcomes)
-    if systemic and session.exitstatus == pytest.ExitCode.INTERRUPTED:
-        # pytest-xdist turns a worker's shouldfail into an interruption; the run failed, nobody interrupted it.
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    state = config.stash.get(STATE_KEY, None)
-    if state is None or state.session_verdict is None:
-        return
-    from pytest_day0.report import session_report
-
-    for line in session_report.terminal_lines(state, config):
-        terminalreporter.write_line(line)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_json_modifyreport(json_report: dict[str, Any]) -> None:
-    config = _CONFIG.get("config")
-    state = config.stash.get(STATE_KEY, None) if config else None
-    if state is None or state.session_verdict is None:
-        return
-    from pytest_day0.report import session_report
-
-    day0 = session_report.json_summary(state)
-    rest = dict(json_report)
-    json_report.clear()
-    json_report["day0"] = day0
-    json_report.update(rest)
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_json_runtest_metadata(item: pytest.Item, call: pytest.CallInfo[None]) -> dict[str, Any]:
-    if call.when != "call" or _prop(item, "day0_gate") is None:
+    if IDENTITY_KEY not in item.stash or not any(k == OUTCOME_PROPERTY for k, _ in item.user_properties):
         return {}
-    return {"day0": {k: v for k, v in item.user_properties}}
+    return {"day0": {k: v for k, v in item.user_properties if k != OUTCOME_PROPERTY}}
+
+
+class Day0Session:
+    """The hooks of one release session (registered per session in ``pytest_configure``)."""
+
+    def __init__(self, config: pytest.Config, state: SessionState) -> None:
+        self.config = config
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """On the controller: each gate test's final report carries its typed outcome; read it back once."""
+        if report.when != "teardown" or not self.state.controller:
+            return
+        raw = next((v for k, v in reversed(report.user_properties) if k == OUTCOME_PROPERTY), None)
+        if isinstance(raw, str):
+            self.state.outcomes.append(GateOutcome.model_validate_json(raw))
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> Any:
+        """Before every other sessionfinish: pytest-json-report's (itself tryfirst) embeds the verdict there."""
+        if self.state.controller:
+            self._finish(session)
+        return (yield)
+
+    def _finish(self, session: pytest.Session) -> None:
+        from pytest_day0.release.chain import ReleaseChain
+        from pytest_day0.report import session_report
+
+        state = self.state
+        chain = state.chain or ReleaseChain(state.config, state.session_id)
+        state.stopped_servers = chain.stop_servers()
+        chain.close()
+        if self.config.option.collectonly:  # nothing ran: no verdict, and the last real verdict.json stays
+            return
+        session_report.finish(state, self.config)
+        systemic = any(o.status == "failed" and o.failure_class is FailureClass.SYSTEMIC for o in state.outcomes)
+        if systemic and session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            # pytest-xdist turns a worker's shouldfail into an interruption; the run failed, nobody interrupted it.
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        if self.state.session_verdict is None:
+            return
+        from pytest_day0.report import session_report
+
+        for line in session_report.terminal_lines(self.state):
+            terminalreporter.write_line(line)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_json_modifyreport(self, json_report: dict[str, Any]) -> None:
+        if self.state.session_verdict is None:
+            return
+        from pytest_day0.report import session_report
+
+        day0 = session_report.json_summary(self.state)
+        rest = dict(json_report)
+        json_report.clear()
+        json_report["day0"] = day0
+        json_report.update(rest)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        config.pluginmanager.unregister(self)

@@ -42,7 +42,7 @@ Suggested session exit status (ModelOpt skill's convention): 2 when any outcome 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,6 +110,7 @@ class SessionVerdict(BaseModel):
     recommended: str | None  # the smallest recipe that ACCEPTs
     recommendation: str
     exit_status: int  # suggestion: 0 pass, 1 a hard gate failed, 2 bad input
+    annotations: dict[str, Any] = Field(default_factory=dict)  # from other plugins (hook pytest_day0_verdict)
 
 
 def _label(o: GateOutcome) -> str:

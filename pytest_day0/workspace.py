@@ -6,6 +6,7 @@ lock first does the work and leaves a finished artifact that the others find.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -95,17 +96,47 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_fingerprint(path: Path) -> str:
-    """Identity of a checkpoint without reading its tensors: config files hashed, weight files by size+mtime."""
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz"}
+
+
+def _stat_identity(path: Path) -> tuple[int, int, int, int, int]:
+    """What changes whenever a file's bytes may have: size, mtime and ctime in ns, inode, device.
+
+    ctime cannot be set back by a program (utime sets only atime/mtime), so a rewrite in place with the same size
+    within the same second still changes it."""
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def checkpoint_fingerprint(path: Path, cache: Path | None = None) -> str:
+    """Identity of a checkpoint by content: every file's bytes (sha256), configs and weights alike.
+
+    Hashing a 100 GB checkpoint reads 100 GB once (minutes at disk speed), so each file's digest is remembered in
+    ``cache`` (a JSON file, e.g. the workspace's) under its ``_stat_identity``: later sessions stat the files and
+    read nothing unless a file changed. Without ``cache`` everything is read every time (fine for small models)."""
+    known: dict[str, Any] = (read_json(cache) or {}) if cache is not None else {}
+    changed = False
     parts: list[object] = []
     for child in sorted(path.iterdir()):
-        if child.is_file():
-            if child.suffix == ".json" or child.name.endswith(".jinja"):
-                parts.append((child.name, file_digest(child)))
-            elif child.suffix in {".safetensors", ".bin", ".pt"}:
-                st = child.stat()
-                parts.append((child.name, st.st_size, int(st.st_mtime)))
-    return digest(str(path), parts)
+        if not child.is_file() or child.name.startswith("."):
+            continue
+        if child.suffix not in _WEIGHT_SUFFIXES and child.suffix not in {".json", ".jinja", ".model", ".txt",
+                                                                          ".tiktoken", ".py"}:
+            continue
+        ident = [str(child.resolve()), *_stat_identity(child)]
+        entry = known.get(str(child.resolve()))
+        if entry is not None and entry.get("stat") == ident:
+            file_hash = str(entry["sha256"])
+        else:
+            file_hash = file_digest(child)
+            if _stat_identity(child) == tuple(ident[1:]):  # unchanged while we read it: safe to remember
+                known[str(child.resolve())] = {"stat": ident, "sha256": file_hash}
+                changed = True
+        parts.append((child.name, file_hash))
+    if cache is not None and changed:
+        with contextlib.suppress(Day0Error, OSError):  # a cache that cannot be written costs a re-read next time
+            atomic_write_json(cache, known)
+    return digest(parts)
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,12 +6,13 @@ from typing import Any
 
 import pytest
 
-from pytest_day0.failures import FailureClass, GateFailure, Tier
+from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
 from pytest_day0.gates.run import (
     align_records,
     assert_run,
     check_run,
     check_task_sets,
+    first_difference,
     run_outcome,
     task_set_outcome,
 )
@@ -35,8 +36,8 @@ def result(**kw: Any) -> TaskResult:
     return TaskResult(**d)
 
 
-def rec(i: str, prompt_hash: str = "h", task: str = "arc_like") -> SampleRecord:
-    return SampleRecord(id=i, task=task, prompt_hash=prompt_hash + i, target=0, correct=1.0)
+def rec(i: str, prompt_hash: str = "h", task: str = "arc_like", prompt: str | None = None) -> SampleRecord:
+    return SampleRecord(id=i, task=task, prompt_hash=prompt_hash + i, prompt=prompt, target=0, correct=1.0)
 
 
 def test_clean_result_passes_and_does_not_abstain() -> None:
@@ -158,7 +159,7 @@ def test_assert_run_raises_hard_gate_failure_with_numbers() -> None:
         assert_run(check)
     assert info.value.failure_class is FailureClass.SAMPLE_ACCOUNTING_FAILED
     assert info.value.tier is Tier.HARD
-    assert str(info.value).startswith("[SAMPLE_ACCOUNTING_FAILED] arc_like (candidate):")
+    assert str(info.value).startswith("[SAMPLE_ACCOUNTING_FAILED] candidate/arc_like:")
     assert info.value.detail["scored_samples"] == 98
     out = run_outcome(check, result(scored_samples=98))
     assert out.status == "failed" and out.failure_class is FailureClass.SAMPLE_ACCOUNTING_FAILED
@@ -186,7 +187,7 @@ def test_align_records_pairs_by_id_in_baseline_order() -> None:
 def test_align_records_names_missing_and_extra_ids() -> None:
     base = [rec(str(i)) for i in range(10)]
     cand = [rec(str(i)) for i in range(3, 12)]
-    with pytest.raises(GateFailure) as info:
+    with pytest.raises(Day0Error) as info:
         align_records(base, cand)
     err = info.value
     assert err.failure_class is FailureClass.SAMPLE_ACCOUNTING_FAILED
@@ -196,17 +197,39 @@ def test_align_records_names_missing_and_extra_ids() -> None:
 
 
 def test_align_records_caps_named_ids_but_keeps_all_in_detail() -> None:
-    with pytest.raises(GateFailure) as info:
+    with pytest.raises(Day0Error) as info:
         align_records([rec(f"{i:02d}") for i in range(20)], [])
     assert "(+15 more)" in info.value.message
     assert len(info.value.detail["missing"]) == 20
 
 
 def test_align_records_rejects_duplicates_changed_prompts_and_mixed_tasks() -> None:
-    with pytest.raises(GateFailure, match="duplicate candidate ids 1"):
+    with pytest.raises(Day0Error, match="duplicate candidate ids 1"):
         align_records([rec("1")], [rec("1"), rec("1")])
-    with pytest.raises(GateFailure, match="1 ids were sent different prompts: 1"):
+    with pytest.raises(Day0Error, match="1 ids were sent different prompts: 1"):
         align_records([rec("1")], [rec("1", prompt_hash="other")])
     assert align_records([rec("1")], [rec("1", prompt_hash="other")], require_same_prompt=False)
-    with pytest.raises(GateFailure, match="several tasks"):
+    with pytest.raises(Day0Error, match="several tasks"):
         align_records([rec("1")], [rec("1", task="gsm_like")])
+
+
+def test_align_records_names_where_two_prompts_part() -> None:
+    """5-shot vs 0-shot: every doc was asked differently; the message names ids and the first differing text."""
+    shots = "Q: 1+1=\nA: 2\n\n" * 5
+    base = [rec(str(i), prompt_hash=f"b{i}", prompt=f"{shots}Q: {i}+3=\nA:") for i in range(12)]
+    cand = [rec(str(i), prompt_hash=f"c{i}", prompt=f"Q: {i}+3=\nA:") for i in range(12)]
+    with pytest.raises(Day0Error) as info:
+        align_records(base, cand)
+    err = info.value
+    assert err.failure_class is FailureClass.SAMPLE_ACCOUNTING_FAILED and "\n" not in str(err)
+    assert "12 ids were sent different prompts: 0, 1, 10, 11, 2 (+7 more)" in err.message
+    assert "id 0: at character 3: baseline 'Q: 1+1=" in err.message and "candidate 'Q: 0+3=" in err.message
+    assert err.detail["prompt_changed"] == sorted(str(i) for i in range(12))
+
+
+def test_first_difference_handles_a_prefix_and_equal_texts() -> None:
+    assert first_difference("abc", "abcdef") == "at character 3: baseline 'abc' (ends there) vs candidate 'abcdef'"
+    long = first_difference("x" * 40 + "a" + "z" * 40, "x" * 40 + "b" + "z" * 40)
+    assert long.startswith("at character 40: baseline …'xxxxxxxxa") and long.endswith("z'…")
+    newline = first_difference("line\none", "line\ntwo")
+    assert newline == "at character 5: baseline 'line\\none' vs candidate 'line\\ntwo'"

@@ -28,11 +28,12 @@ def _h(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def mc_lines(values: list[float], norm: list[float] | None = None) -> list[dict[str, Any]]:
-    """arc_easy-like loglikelihood docs: four (context, continuation) requests, acc and acc_norm per doc."""
+def mc_lines(values: list[float], norm: list[float] | None = None, shots: str = "") -> list[dict[str, Any]]:
+    """arc_easy-like loglikelihood docs: four (context, continuation) requests, acc and acc_norm per doc;
+    ``shots`` is the few-shot preamble lm-eval puts before every question."""
     lines = []
     for i, v in enumerate(values):
-        ctx = f"Question: Which number is largest in set {i}?\nAnswer:"
+        ctx = f"{shots}Question: Which number is largest in set {i}?\nAnswer:"
         choices = [f" {i + k}" for k in range(4)]
         gold = 3
         ll = [-4.0, -3.5, -3.0, -2.0] if v == 1.0 else [-1.0, -3.5, -3.0, -2.0]
@@ -298,6 +299,28 @@ def test_published_baseline_mismatch_blocks_accept(pytester: pytest.Pytester, tm
     assert arc["status"] == "failed" and arc["failure_class"] == "EXTERNAL_BASELINE_MISMATCH"
     assert "vs published 0.920 (92 on 0–100, model card)" in arc["message"] and "off by -0.120" in arc["message"]
     assert published_outcomes["gsm8k"]["status"] == "passed"  # 0.667 published, 0.667 measured
+
+
+def test_a_5_shot_baseline_is_never_compared_with_a_0_shot_candidate(pytester: pytest.Pytester,
+                                                                     tmp_path: Path) -> None:
+    """Same docs, same ids, the same accuracy, asked differently: no pair is a pair (it gated to ACCEPT before)."""
+    shots = "".join(f"Question: Which number is largest in set {k}?\nAnswer: {k + 3}\n\n" for k in range(5))
+    base = tmp_path / "lm_eval_out" / "five-shot"
+    cand = tmp_path / "lm_eval_out" / "zero-shot"
+    write_run(base, "org/Model-8B", {"arc_easy": ("multiple_choice", mc_lines(ARC, shots=shots))})
+    write_run(cand, "org/Model-8B-FP8", {"arc_easy": ("multiple_choice", mc_lines(ARC))})
+    result, verdict = _session(pytester, base, cand)
+    v = verdict["session"]["verdicts"][0]
+    assert v["decision"] == "ANOMALOUS" and "SAMPLE_ACCOUNTING_FAILED" in v["failure_classes"], result.stdout.str()
+    assert result.ret == 1
+    failed = [o for o in verdict["extra"]["outcomes"] if o["failure_class"] == "SAMPLE_ACCOUNTING_FAILED"]
+    assert {o["gate"] for o in failed} == {"floor", "quality", "anomaly"}
+    assert {o["status"] for o in failed} == {"failed"}
+    message = failed[0]["message"]
+    assert "400 ids were sent different prompts: 0, 1, 10, 100, 101 (+395 more)" in message
+    assert "(id 0: at character 51: baseline …'\\nAnswer: 3\\n\\nQuestion: Which numb'… vs candidate …'\\nAnswer:' " \
+           "(ends there))" in message
+    assert not any(o["gate"] in ("floor", "quality") and o["status"] == "passed" for o in verdict["extra"]["outcomes"])
 
 
 def test_bad_lm_eval_options_stop_the_session_in_one_line(pytester: pytest.Pytester, tmp_path: Path) -> None:

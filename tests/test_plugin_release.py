@@ -320,6 +320,21 @@ def test_xdist_runs_each_stage_once_and_a_rerun_is_cached(pytester: pytest.Pytes
     print(f"xdist release: first run {first.seconds:.1f}s, cached rerun {second.seconds:.1f}s")
     assert second.seconds < 0.5 * first.seconds
 
+    # --day0-fresh under -n 2: the session decides "fresh" once; each stage is discarded and redone exactly once
+    # (a per-process flag made every worker delete the records and re-evaluate: 4 eval_runs per task, ANOMALOUS)
+    third = run_pytest(pytester, *args, "--day0-fresh")
+    assert third.rc == 0, third.out[-3000:]
+    assert {k: len(events(ws, k)) for k in counts} == {k: 2 * v for k, v in counts.items()}
+    assert _decisions(third.verdict(ws)) == {"fp8": "ACCEPT"}
+    fresh_evals = [e for e in events(ws, "eval_done") if e["session"] == third.report["day0"]["extra"]["session_id"]]
+    assert sorted((e["side"], e["task"], e["reused"]) for e in fresh_evals) == sorted(
+        (side, task, 0) for side in ("baseline", "fp8") for task in ("arc_like", "gsm_like", "tau_like"))
+    # and serially: the same counts, the same verdict
+    fourth = run_pytest(pytester, *(a for a in args if a not in ("-n", "2")), "--day0-fresh")
+    assert fourth.rc == 0, fourth.out[-3000:]
+    assert {k: len(events(ws, k)) for k in counts} == {k: 3 * v for k, v in counts.items()}
+    assert _decisions(fourth.verdict(ws)) == _decisions(third.verdict(ws))
+
 
 # ---------------------------------------------------------------------- the demo release (shared workspace)
 

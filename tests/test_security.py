@@ -45,12 +45,13 @@ from cluster.loopback import LoopbackCluster, cluster_or_skip
 
 from pytest_day0.config import RunConfig, build_config
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.placement import QuantizeJob
 from pytest_day0.remote import PTQ_FIELDS, SERVE_FIELDS, render_template
 from pytest_day0.remote.executor import JobHandle, JobSpec, job_script
 from pytest_day0.remote.jobs import watch_job
+from pytest_day0.remote.placement import REFERENCE_MODULE, RemotePlacement
 from pytest_day0.remote.slurm import SlurmExecutor
 from pytest_day0.remote.ssh import SSHExecutor, SSHTarget, connect
-from pytest_day0.remote.stages import REFERENCE_MODULE, RemoteStages
 from pytest_day0.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -461,7 +462,7 @@ def test_the_plugin_starts_reference_servers_on_loopback_and_remote_ones_too(tmp
 
     assert inspect.signature(serve.start_reference_server).parameters["host"].default == "127.0.0.1"
     config = build_config({"model": "demo", "executor": "ssh://u@example.org"}, lambda _k: None)
-    stages = RemoteStages(config, "s1", Workspace(tmp_path))
+    stages = RemotePlacement(config, "s1", Workspace(tmp_path))
     command, port = stages._serve_command("/ckpt", "fp8", "/r.json")
     argv = shlex.split(command)
     assert port is None and argv[argv.index("--host") + 1] == "127.0.0.1" and "--allow-remote-bind" not in argv
@@ -491,7 +492,7 @@ def test_host_key_checking_is_on_by_default(cluster: LoopbackCluster, tmp_path: 
     # the session's own executor, built from a default config, is just as strict
     config = build_config({"model": "demo", "executor": cluster.url("ssh"), "ssh_key": str(cluster.key),
                            "known_hosts": str(empty)}, lambda _k: None)
-    stages = RemoteStages(config, "hk", Workspace(tmp_path / "ws"))
+    stages = RemotePlacement(config, "hk", Workspace(tmp_path / "ws"))
     with pytest.raises(Day0Error) as info:
         stages.check()
     assert "host key unknown" in _one_line_systemic(info.value) and empty.read_text() == ""
@@ -570,8 +571,8 @@ echo 'DAY0_RESULT {"ok": true}'
 
 
 def _remote_stages(cluster: LoopbackCluster, tmp_path: Path, kind: str, remote_wd: str, marker: Path,
-                   ) -> tuple[RemoteStages, str, str]:
-    """RemoteStages from a real config whose workspace and python paths are hostile; (stages, wd, python)."""
+                   ) -> tuple[RemotePlacement, str, str]:
+    """RemotePlacement from a real config whose workspace and python paths are hostile; (stages, wd, python)."""
     evil = f"sp ace 'q\" $(touch {marker}) `touch {marker}`; touch {marker}\nnl %j 100%"
     wd = f"{remote_wd}/{evil}"
     python = f"{wd}/bin dir/py$(touch {marker})"
@@ -579,7 +580,7 @@ def _remote_stages(cluster: LoopbackCluster, tmp_path: Path, kind: str, remote_w
     config = build_config({"model": "demo", "executor": cluster.url(kind, query), "ssh_key": str(cluster.key),
                            "known_hosts": str(cluster.known_hosts), "remote_workdir": wd, "remote_python": python},
                           lambda _k: None)
-    stages = RemoteStages(config, f"sec{uuid.uuid4().hex[:6]}", Workspace(tmp_path / "ws"))
+    stages = RemotePlacement(config, f"sec{uuid.uuid4().hex[:6]}", Workspace(tmp_path / "ws"))
     ex = stages.executor()
     ex.write_bytes(python, DUMPER.encode())
     assert isinstance(ex, SSHExecutor)
@@ -602,8 +603,8 @@ def test_remote_stage_commands_quote_paths_end_to_end(kind: str, cluster: Loopba
     stages, wd, python = _remote_stages(cluster, tmp_path, kind, remote_wd, pwned)
     try:
         with cluster.exclusive():
-            result = stages.quantize(source, "srckey", resolve_recipe("fp8"), "ptqkey", calibration, calib_size=3,
-                                     timeout_s=120, on_line=None, fresh=False)
+            result = stages.quantize(QuantizeJob(resolve_recipe("fp8"), source, "srckey", "ptqkey", calibration,
+                                                 calib_size=3, timeout_s=120, engine="modelopt"))
         assert str(result.checkpoint) == f"{wd}/checkpoints/ptqkey" and not result.reused
         ex = stages.executor()
         dump = python.rsplit("/", 1)[0] + "/argv.bin"  # where the dumper writes: beside itself

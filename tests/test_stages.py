@@ -120,15 +120,35 @@ def test_event_log_is_safe_under_concurrent_writers(tmp_path: Path) -> None:
     assert len(ws.events("ping")) == 100
 
 
-def test_fingerprint_changes_with_config_not_with_unrelated_files(tmp_path: Path) -> None:
+def test_fingerprint_is_content_not_paths_or_times(tmp_path: Path) -> None:
     shutil.copytree(DEMO_MODEL_DIR, tmp_path / "m")
-    before = checkpoint_fingerprint(tmp_path / "m")
+    cache = tmp_path / "fingerprints.json"
+    before = checkpoint_fingerprint(tmp_path / "m", cache=cache)
     (tmp_path / "m" / "README.md").write_text("notes")
-    assert checkpoint_fingerprint(tmp_path / "m") == before
+    assert checkpoint_fingerprint(tmp_path / "m", cache=cache) == before
+    shutil.copytree(tmp_path / "m", tmp_path / "copy")  # the same bytes elsewhere: the same checkpoint
+    assert checkpoint_fingerprint(tmp_path / "copy", cache=cache) == before
+    os.utime(tmp_path / "m" / "model.safetensors", (1, 1))  # touched, not changed: same content, same key
+    assert checkpoint_fingerprint(tmp_path / "m", cache=cache) == before
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["rms_norm_eps"] = 1e-6
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    changed = checkpoint_fingerprint(tmp_path / "m")
-    assert changed != before
-    os.utime(tmp_path / "m" / "model.safetensors", (1, 1))  # rewritten weights: new mtime, new identity
-    assert checkpoint_fingerprint(tmp_path / "m") != changed
+    assert checkpoint_fingerprint(tmp_path / "m", cache=cache) != before
+
+
+def test_a_same_size_same_second_rewrite_gets_a_new_key(tmp_path: Path) -> None:
+    """One weight byte flipped in place, the file's size and mtime put back: the stat cache must not hide it."""
+    shutil.copytree(DEMO_MODEL_DIR, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    cache = tmp_path / "fingerprints.json"
+    before = checkpoint_fingerprint(tmp_path / "m", cache=cache)
+    st = weights.stat()
+    with weights.open("r+b") as fh:
+        fh.seek(st.st_size - 1)
+        last = fh.read(1)
+        fh.seek(st.st_size - 1)
+        fh.write(bytes([last[0] ^ 0x01]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert checkpoint_fingerprint(tmp_path / "m", cache=cache) != before
+    assert checkpoint_fingerprint(tmp_path / "m") != before  # and without a cache, of course

@@ -80,7 +80,7 @@ def test_multi_line_kernel_reason_is_joined_into_one_line() -> None:
     (1, "(APIServer pid=1) ERROR 11-23 01:00:00 [x.py:1] OSError: [Errno 98] Address already in use\n",
      FailureClass.DEPLOYMENT_HEALTH_FAILED, "Address already in use"),
     (None, "(APIServer pid=1) INFO 11-23 01:00:00 [x.py:1] Waiting for the engine\n",
-     FailureClass.DEPLOYMENT_HEALTH_FAILED, "did not become healthy in time; last log line: Waiting for the engine"),
+     FailureClass.INFRA_TRANSIENT, "not healthy within the stage timeout; last log line: Waiting for the engine"),
     (-9, "", FailureClass.DEPLOYMENT_HEALTH_FAILED, "exited with code -9; last log line: (empty log)"),
     (1, "(Worker pid=2) ERROR 11-23 01:00:00 [x.py:1] RuntimeError: Exception: WorkerProc initialization failed\n",
      FailureClass.DEPLOYMENT_HEALTH_FAILED, "exited with code 1"),  # a wrapper alone is no reason

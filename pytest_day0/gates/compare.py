@@ -36,7 +36,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
-from pytest_day0.gates.outcome import GateOutcome, Status
+from pytest_day0.gates.outcome import GateOutcome, Status, breach_status
 from pytest_day0.gates.stats import (
     TEST_POINT,
     PairedStats,
@@ -514,11 +514,7 @@ def compare_task(
 
 def decision_status(decision: Decision, *, warn_as_error: bool = False) -> Status:
     """passed / skipped, or a breach: failed for the hard tier, warned for the warn tier."""
-    if decision.skipped:
-        return "skipped"
-    if decision.passed:
-        return "passed"
-    return "warned" if decision.tier is Tier.WARN and not warn_as_error else "failed"
+    return breach_status(decision.passed, decision.tier, warn_as_error=warn_as_error, skipped=decision.skipped)
 
 
 def comparison_decision(c: TaskComparison) -> str:

@@ -24,3 +24,19 @@ class GateOutcome(BaseModel):
     message: str = ""
     numbers: dict[str, float | int | str | None] = Field(default_factory=dict)
     nodeid: str | None = None
+
+
+def breach_status(passed: bool, tier: Tier, *, warn_as_error: bool = False, skipped: bool = False) -> Status:
+    """passed / skipped, or a breach: failed for the hard tier, warned for the warn tier (unless it counts as hard)."""
+    if skipped:
+        return "skipped"
+    if passed:
+        return "passed"
+    return "warned" if tier is Tier.WARN and not warn_as_error else "failed"
+
+
+def stage_outcome(gate: str, *, recipe: str | None = None, task: str | None = None, side: str | None = None,
+                  numbers: dict[str, float | int | str | None] | None = None, message: str = "") -> GateOutcome:
+    """A gate whose test only needed its stage to succeed (setup, ptq, deploy): passed, with its numbers."""
+    return GateOutcome(gate=gate, recipe=recipe, task=task, side=side, status="passed", message=message,
+                       numbers=dict(numbers or {}))

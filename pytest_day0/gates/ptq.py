@@ -22,6 +22,7 @@ from typing import Literal
 from pytest_day0.checkpoint.model import CheckpointInspection, CheckpointMetadata
 from pytest_day0.checkpoint.recipes import Precision, Recipe, expected_in_scope
 from pytest_day0.failures import FailureClass, GateFailure, Tier
+from pytest_day0.gates.outcome import GateOutcome
 
 SIZE_WAIVER_RATIO = 1.10
 SHOWN = 5  # layers named in a message; the count covers the rest
@@ -60,6 +61,13 @@ def assert_ptq_check(check: PtqCheck) -> None:
         raise GateFailure(
             check.failure_class or FailureClass.UNKNOWN, check.message, Tier.HARD, check=check.name, **check.numbers
         )
+
+
+def ptq_outcome(check: PtqCheck, recipe: str) -> GateOutcome:
+    """The typed record of one PTQ check (hard tier: the skill stops on every one)."""
+    return GateOutcome(gate=f"ptq.{check.name}", recipe=recipe, status="passed" if check.passed else "failed",
+                       tier=Tier.HARD, failure_class=None if check.passed else check.failure_class or
+                       FailureClass.UNKNOWN, message=check.message, numbers=dict(check.numbers))
 
 
 def evaluate_ptq(source: CheckpointInspection, output: CheckpointInspection, recipe: Recipe) -> list[PtqCheck]:

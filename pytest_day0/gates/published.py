@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_day0.failures import FailureClass, GateFailure, Tier
 from pytest_day0.gates.compare import format_scale, format_score
+from pytest_day0.gates.outcome import GateOutcome, breach_status
 from pytest_day0.scoring.published import PublishedScore
 
 TOLERANCE = 0.05  # of the task's range
@@ -83,6 +84,14 @@ def check_published(
             message=text + " — the interval reaches beyond the tolerance: too few samples to tell",
         )
     return PublishedCheck(task=task, passed=True, message=text, numbers=numbers)
+
+
+def published_outcome(check: PublishedCheck, *, warn_as_error: bool = False) -> GateOutcome:
+    """The typed record of one task's published-baseline check (hard; INCONCLUSIVE is warn)."""
+    return GateOutcome(gate="published", task=check.task, tier=check.tier,
+                       status=breach_status(check.passed, check.tier, warn_as_error=warn_as_error),
+                       failure_class=None if check.passed else check.failure_class, message=check.message,
+                       numbers=dict(check.numbers))
 
 
 def assert_published(check: PublishedCheck) -> None:

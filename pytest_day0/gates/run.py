@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pytest_day0.failures import FailureClass, GateFailure, Tier
+from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
 from pytest_day0.gates.outcome import GateOutcome
 from pytest_day0.scoring.records import SampleRecord, TaskResult
 
@@ -96,7 +96,7 @@ def check_run(result: TaskResult, abstain_error_rate: float = 0.5) -> RunCheck:
         "status": status,
     }
     abstain = expected <= 0 or errored / expected >= abstain_error_rate
-    where = f"{result.task} ({result.side})"
+    where = f"{result.side}/{result.task}"
     err = f"; first error: {' '.join(result.first_error.split())}" if result.first_error else ""
     counts = f"{scored}/{expected} scored, {errored} errored"
 
@@ -208,14 +208,31 @@ def task_set_outcome(check: RunCheck, recipe: str | None = None, nodeid: str | N
     )
 
 
+def first_difference(a: str, b: str, context: int = 24) -> str:
+    """Where two prompts part: the character offset and a one-line excerpt of each side around it."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    start = max(0, i - 8)
+
+    def excerpt(text: str) -> str:
+        shown = repr(text[start:i + context])
+        if start:
+            shown = "…" + shown
+        if len(text) > i + context:
+            shown += "…"
+        return shown + (" (ends there)" if len(text) <= i else "")
+
+    return f"at character {i}: baseline {excerpt(a)} vs candidate {excerpt(b)}"
+
+
 def align_records(
     baseline: Sequence[SampleRecord], candidate: Sequence[SampleRecord], *, require_same_prompt: bool = True
 ) -> list[tuple[SampleRecord, SampleRecord]]:
     """Pair the two sides' records by sample id, in baseline order.
 
-    Paired statistics are only valid on the same samples, so any id present on one side only, any duplicate,
-    and (by default) any pair whose prompts differ raises SAMPLE_ACCOUNTING_FAILED naming the ids: nothing is
-    silently dropped.
+    Paired statistics are only valid on the same samples asked the same way, so any id present on one side only,
+    any duplicate, and (by default) any pair whose prompts differ (the exact text or token ids sent, by hash)
+    raises SAMPLE_ACCOUNTING_FAILED naming the ids and, where the records carry the text, where the two prompts
+    part: nothing is silently dropped, and a 5-shot baseline is never compared with a 0-shot candidate.
     """
     problems: list[str] = []
     detail: dict[str, list[str]] = {}
@@ -239,16 +256,21 @@ def align_records(
         detail["extra"] = sorted(extra)
     pairs = [(b, by_id[b.id]) for b in baseline if b.id in by_id]
     if require_same_prompt:
-        changed = sorted({b.id for b, c in pairs if b.prompt_hash != c.prompt_hash})
-        if changed:
-            problems.append(f"{len(changed)} ids were sent different prompts: {_name_some(changed)}")
-            detail["prompt_changed"] = changed
+        changed_pairs = [(b, c) for b, c in pairs if b.prompt_hash != c.prompt_hash]
+        if changed_pairs:
+            changed = [b.id for b, _ in changed_pairs]
+            where = ""
+            shown = next(((b.id, b.prompt, c.prompt) for b, c in changed_pairs
+                          if b.prompt is not None and c.prompt is not None), None)
+            if shown is not None:
+                where = f" (id {shown[0]}: {first_difference(shown[1], shown[2])})"
+            problems.append(f"{len(changed)} ids were sent different prompts: {_name_some(changed)}{where}")
+            detail["prompt_changed"] = sorted(changed)
     if problems:
         task = next(iter(sorted(tasks)), "?")
-        raise GateFailure(
+        raise Day0Error(
             FailureClass.SAMPLE_ACCOUNTING_FAILED,
-            f"{task}: records do not align: " + "; ".join(problems),
-            Tier.HARD,
+            f"{task}: records do not pair: " + "; ".join(problems),
             **detail,
         )
     return pairs

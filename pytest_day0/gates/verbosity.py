@@ -24,6 +24,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_day0.failures import FailureClass, GateFailure, Tier
+from pytest_day0.gates.outcome import GateOutcome, breach_status
 
 DEFAULT_THRESHOLD = 0.05
 SHORT_TOKENS = 100.0
@@ -87,6 +88,18 @@ def check_verbosity(
         return VerbosityCheck(task=task, passed=False, failure_class=FailureClass.VERBOSITY_EXCEEDED, message=text,
                               note=note, numbers=numbers)
     return VerbosityCheck(task=task, passed=True, message=text, note=note, numbers=numbers)
+
+
+def verbosity_outcome(check: VerbosityCheck, recipe: str, *, warn_as_error: bool = False) -> GateOutcome:
+    """The typed record of one task's verbosity check (warn tier)."""
+    numbers = dict(check.numbers)
+    if check.note:
+        numbers["verbosity_note"] = check.note
+    return GateOutcome(gate="verbosity", recipe=recipe, task=check.task, tier=Tier.WARN,
+                       status=breach_status(check.passed, Tier.WARN, warn_as_error=warn_as_error,
+                                            skipped=check.skipped),
+                       failure_class=None if check.passed or check.skipped else check.failure_class or
+                       FailureClass.VERBOSITY_EXCEEDED, message=check.message, numbers=numbers)
 
 
 def assert_verbosity(check: VerbosityCheck) -> None:

@@ -1,40 +1,57 @@
-"""The release chain: every stage run at most once per session, its artifact or its failure remembered.
+"""The release chain: every stage's artifact (or failure) for the tests, each made at most once per session.
 
-Stages never decide (they produce artifacts or raise Day0Error); gates never do I/O. This object is
-the seam between them: fixtures ask it for artifacts, tests hand the artifacts to pure gates.
+Stages never decide (they produce artifacts or raise Day0Error); gates never do I/O. This object is the seam
+between them: the suite asks it for artifacts and for the checks computed from them (it reads the records,
+calls the pure gate functions, saves what the reports need); the tests only attach outcomes and assert.
 
-Run-once across pytest-xdist workers: each stage takes a workspace file lock keyed by its content key;
-whoever comes first does the work and leaves a finished artifact (or, within one session, a failure
-record) the others read. Servers are started detached and recorded in the workspace; the process that
-owns the session (the xdist controller, or the only process) stops them all at the end.
+Three collaborators, each in its own module: ``StageRunner`` (run-once across processes: memo, lock, session
+records, the fresh decision, transient retries), ``keys`` (every artifact's content key) and a ``Placement``
+(where PTQ runs and servers live: this machine, an SSH host, a SLURM cluster). The server-registry sequence —
+lock, remembered failure, registered server, reap abandoned ones, start, register — exists once, here.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import httpx
+from pydantic import ValidationError
 
 from pytest_day0.config import RunConfig
-from pytest_day0.engines import EvalRequest, QuantizeRequest, ServeRequest, eval_engine, quantize_engine, serve_engine
-from pytest_day0.failures import Day0Error, FailureClass
-from pytest_day0.remote.stages import RemoteStages
+from pytest_day0.engines import EvalRequest, ServeRequest, eval_engine, quantize_engine, serve_engine
+from pytest_day0.failures import INFEASIBLE_CLASSES, Day0Error, FailureClass
+from pytest_day0.placement import LocalPlacement, Placement, QuantizeJob, ServeJob, ServerRecord
+from pytest_day0.release import keys
+from pytest_day0.release.comparisons import save_comparison
+from pytest_day0.release.runner import StageRunner
+from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import Task, load_task
 from pytest_day0.serving.endpoint import Endpoint
-from pytest_day0.stages import quantize as quantize_stage
 from pytest_day0.stages.source import CALIBRATION_TEXT, resolve_model
-from pytest_day0.workspace import Workspace, atomic_write_json, checkpoint_fingerprint, digest, pid_alive, read_json
+from pytest_day0.workspace import (
+    Workspace,
+    atomic_write_json,
+    checkpoint_fingerprint,
+    file_digest,
+    pid_alive,
+    read_json,
+)
+
+if TYPE_CHECKING:
+    from pytest_day0.checkpoint.model import CheckpointInspection
+    from pytest_day0.gates.compare import TaskComparison
+    from pytest_day0.gates.ptq import PtqCheck
+    from pytest_day0.gates.published import PublishedCheck
+    from pytest_day0.gates.run import RunCheck
+    from pytest_day0.gates.verbosity import VerbosityCheck
+    from pytest_day0.stages.quantize import QuantizeResult
 
 T = TypeVar("T")
-BASELINE = "baseline"
+BASELINE = keys.BASELINE
 Progress = Callable[[str], None]
 
 
@@ -49,8 +66,13 @@ class DeployRecord:
     cached: bool
 
 
-def _remembered_error(data: dict[str, Any]) -> Day0Error:
-    return Day0Error(FailureClass(data["failure_class"]), data["message"])
+def make_placement(config: RunConfig, ws: Workspace, session_id: str, owner_pid: int,
+                   progress: Progress) -> Placement:
+    if config.executor == "local":
+        return LocalPlacement(ws, session_id, owner_pid)
+    from pytest_day0.remote.placement import RemotePlacement
+
+    return RemotePlacement(config, session_id, ws, progress, owner_pid)
 
 
 class ReleaseChain:
@@ -63,40 +85,18 @@ class ReleaseChain:
         self.owner_pid = owner_pid or os.getpid()
         self.ws = Workspace(config.workdir)
         self.progress: Progress = progress or (lambda _line: None)
-        self._memo: dict[str, Any] = {}
-        self._remote: RemoteStages | None = None
+        self.runner = StageRunner(self.ws, session_id, fresh=config.fresh, progress=self.progress)
+        self._placement: Placement | None = None
 
     @property
-    def remote(self) -> RemoteStages | None:
-        """RemoteStages when --day0-executor is ssh:// or slurm:// (PTQ and serving as remote jobs), else None."""
-        if self._remote is None and self.config.executor != "local":
-            self._remote = RemoteStages(self.config, self.session_id, self.ws, self.progress, self.owner_pid)
-        return self._remote
+    def placement(self) -> Placement:
+        if self._placement is None:
+            self._placement = make_placement(self.config, self.ws, self.session_id, self.owner_pid, self.progress)
+        return self._placement
 
-    # ------------------------------------------------------------------ plumbing
-
-    def _once(self, key: str, build: Callable[[], T], *, retry_transient: bool = True) -> T:
-        """Memoize a stage in this process; retry INFRA_TRANSIENT once, then it is SYSTEMIC."""
-        if key in self._memo:
-            value = self._memo[key]
-            if isinstance(value, Day0Error):
-                raise value
-            return value  # type: ignore[no-any-return]
-        attempts = 2 if retry_transient else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                value = build()
-            except Day0Error as exc:
-                if exc.failure_class is FailureClass.INFRA_TRANSIENT and attempt < attempts:
-                    self.progress(f"[day0] {key}: {exc} — retrying once")
-                    continue
-                if exc.failure_class is FailureClass.INFRA_TRANSIENT:
-                    exc = Day0Error(FailureClass.SYSTEMIC, f"{key} failed twice with INFRA_TRANSIENT: {exc.message}")
-                self._memo[key] = exc
-                raise exc from None
-            self._memo[key] = value
-            return value
-        raise AssertionError("unreachable")
+    def check_placement(self) -> str | None:
+        """Setup gate of a remote executor: host key, authentication, scheduler (SYSTEMIC, one line)."""
+        return self.placement.check()
 
     def _timed(self, name: str, fn: Callable[[], T]) -> T:
         self.progress(f"[day0] {name} ...")
@@ -110,44 +110,23 @@ class ReleaseChain:
         self.ws.event("stage_time", stage=name, seconds=round(time.time() - started, 3), session=self.session_id)
         return value
 
-    def _session_failure_path(self, key: str) -> Path:
-        return self.ws.path("failures", self.session_id, f"{key}.json")
-
-    def _shared_stage(self, key: str, lock: str, build: Callable[[], T]) -> T:
-        """A stage other processes of this session may also want: a failure is recorded so they don't repeat it."""
-
-        def guarded() -> T:
-            with self.ws.lock(lock):
-                failed = read_json(self._session_failure_path(key))
-                if failed:
-                    raise _remembered_error(failed)
-                try:
-                    return build()
-                except Day0Error as exc:
-                    if exc.failure_class is not FailureClass.INFRA_TRANSIENT:
-                        atomic_write_json(self._session_failure_path(key),
-                                          {"failure_class": exc.failure_class, "message": exc.message})
-                    raise
-
-        return self._once(key, guarded)
-
     # ------------------------------------------------------------------ inputs
 
     def source(self) -> Path:
         assert self.config.model is not None
         model = self.config.model
-        return self._once("source", lambda: resolve_model(model), retry_transient=False)
+        return self.runner.local("source", lambda: resolve_model(model))
 
     def source_key(self) -> str:
-        return self._once("source_key", lambda: checkpoint_fingerprint(self.source()))
+        return self.runner.local("source_key", lambda: checkpoint_fingerprint(
+            self.source(), cache=self.ws.root / "fingerprints.json"))
 
     def tasks(self) -> list[Task]:
         if self.config.eval == "lm-eval":  # scores from lm-eval folders: the tasks are what the baseline logged
             from pytest_day0.scoring import lm_eval
 
-            return self._once("tasks", lambda: lm_eval.run_tasks(self.config), retry_transient=False)
-        return self._once("tasks", lambda: [load_task(t, self.config.limit) for t in self.config.tasks],
-                          retry_transient=False)
+            return self.runner.local("tasks", lambda: lm_eval.run_tasks(self.config))
+        return self.runner.local("tasks", lambda: [load_task(t, self.config.limit) for t in self.config.tasks])
 
     def task(self, name: str) -> Task:
         for task in self.tasks():
@@ -157,84 +136,82 @@ class ReleaseChain:
 
     # ------------------------------------------------------------------ quantize
 
-    def ptq_key(self, recipe: str) -> str:
+    def checkpoint_key(self, recipe: str) -> str:
         c = self.config
-        if c.quantize == "existing" and self.remote is not None:  # a checkpoint on the remote side
-            return "existing-" + digest(self.remote.key, str(c.checkpoint))
+        placement = self.placement.key
         if c.quantize == "existing":
             assert c.checkpoint is not None
+            if placement:  # a checkpoint on the remote side: its path there is all we know
+                return keys.existing_key(str(c.checkpoint), placement)
             if not (c.checkpoint / "config.json").is_file():
                 raise Day0Error(FailureClass.USER_CONFIG_ERROR,
                                 f"--day0-checkpoint {c.checkpoint} is not a checkpoint directory (no config.json)")
-            return "existing-" + checkpoint_fingerprint(c.checkpoint)
-        key = f"{recipe}-" + digest(self.source_key(), recipe, c.quantize, c.calib_size,
-                                    quantize_engine(c.quantize).version(c))
-        return key if self.remote is None else f"{key}-{digest(self.remote.key, c.ptq_command)[:8]}"
+            return self.runner.local("existing_key", lambda: keys.existing_key(checkpoint_fingerprint(
+                c.checkpoint, cache=self.ws.root / "fingerprints.json")))  # type: ignore[arg-type]
+        return keys.checkpoint_key(
+            recipe=recipe, source=self.source_key(), engine=c.quantize,
+            engine_version=quantize_engine(c.quantize).version(c),
+            calibration=file_digest(CALIBRATION_TEXT), calib_size=c.calib_size, placement=placement,
+            ptq_command=c.ptq_command)
 
-    def quantized(self, recipe: str) -> quantize_stage.QuantizeResult:
+    def quantized(self, recipe: str) -> QuantizeResult:
         from pytest_day0.checkpoint.recipes import resolve_recipe
 
         recipe_obj = resolve_recipe(recipe)
         c = self.config
+        if c.quantize == "existing":
+            checkpoint = str(c.checkpoint)
+            return self.runner.local(f"ptq-{recipe}", lambda: self.placement.existing(checkpoint, recipe_obj))
+        key = self.checkpoint_key(recipe)
+        tail: list[str] = []
 
-        def build() -> quantize_stage.QuantizeResult:
-            if self.remote is not None:  # a PTQ job on the remote executor; the checkpoint stays there
-                return self.remote.quantize_stage(self, recipe_obj)
-            if c.quantize == "existing":
-                assert c.checkpoint is not None
-                return quantize_stage.use_existing(c.checkpoint, recipe_obj)
-            out_dir = self.ws.path("checkpoints", self.ptq_key(recipe))
-            if c.fresh and not self._memo.get(f"fresh-ptq-{recipe}"):
-                self._memo[f"fresh-ptq-{recipe}"] = True
-                (out_dir / quantize_stage.DONE_MARKER).unlink(missing_ok=True)
-            if quantize_stage.is_finished(out_dir):
-                self.progress(f"[day0] PTQ {recipe}: reusing {out_dir}")
-                return quantize_stage.QuantizeResult(out_dir, c.quantize, recipe, 0.0, True, None)
-            self.ws.event("ptq_run", recipe=recipe, session=self.session_id)
-            tail: list[str] = []
+        def on_line(line: str) -> None:
+            tail.append(line)
+            del tail[:-20]
+            if line.startswith("[day0]"):
+                self.progress("    " + line)
 
-            def on_line(line: str) -> None:
-                tail.append(line)
-                if line.startswith("[day0]"):
-                    self.progress("    " + line)
-
+        def build() -> QuantizeResult:
             try:
-                return quantize_engine(c.quantize).run(QuantizeRequest(  # registered engines (pytest_day0.engines)
-                    self.source(), recipe_obj, out_dir, CALIBRATION_TEXT, calib_size=c.calib_size,
-                    timeout_s=c.stage_timeout, config=c, on_line=on_line))
+                result = self.placement.quantize(QuantizeJob(
+                    recipe_obj, self.source(), self.source_key(), key, CALIBRATION_TEXT, c.calib_size,
+                    c.stage_timeout, c.quantize, c, on_line))
             except Day0Error:
                 for line in tail[-5:]:
                     self.progress("    | " + line)
                 raise
+            if result.reused:
+                self.progress(f"[day0] PTQ {recipe}: reusing {result.checkpoint}")
+            else:
+                self.ws.event("ptq_run", recipe=recipe, session=self.session_id, seconds=round(result.wall_s, 3))
+            return result
 
-        return self._shared_stage(f"ptq-{recipe}", f"ptq-{self.ptq_key(recipe)}",
-                                  lambda: self._timed(f"PTQ {recipe}", build))
+        return self.runner.run(f"ptq-{recipe}", lambda: self._timed(f"PTQ {recipe}", build), lock=f"ptq-{key}",
+                               reset=lambda: self.placement.discard_checkpoint(key))
 
-    def source_inspection(self) -> Any:
+    def source_inspection(self) -> CheckpointInspection:
         from pytest_day0.checkpoint.inspect import inspect_checkpoint
 
-        return self._once("inspect-source", lambda: inspect_checkpoint(self.source()), retry_transient=False)
+        return self.runner.local("inspect-source", lambda: inspect_checkpoint(self.source()))
 
-    def candidate_inspection(self, recipe: str) -> Any:
+    def candidate_inspection(self, recipe: str) -> CheckpointInspection:
         from pytest_day0.checkpoint.inspect import inspect_checkpoint
 
-        opener = self.remote.open_source if self.remote is not None else None  # SFTP: headers only
-        return self._once(f"inspect-{recipe}", lambda: inspect_checkpoint(str(self.quantized(recipe).checkpoint),
-                                                                          open_source=opener),
-                          retry_transient=False)
+        opener = self.placement.opener()  # remote: SFTP, headers only
+        return self.runner.local(f"inspect-{recipe}", lambda: inspect_checkpoint(
+            str(self.quantized(recipe).checkpoint), open_source=opener))
 
-    def ptq_checks(self, recipe: str) -> list[Any]:
+    def ptq_checks(self, recipe: str) -> list[PtqCheck]:
         from pytest_day0.checkpoint.recipes import resolve_recipe
         from pytest_day0.gates.ptq import evaluate_ptq
 
-        return self._once(f"ptq-checks-{recipe}", lambda: evaluate_ptq(
-            self.source_inspection(), self.candidate_inspection(recipe), resolve_recipe(recipe)),
-            retry_transient=False)
+        return self.runner.local(f"ptq-checks-{recipe}", lambda: evaluate_ptq(
+            self.source_inspection(), self.candidate_inspection(recipe), resolve_recipe(recipe)))
 
     def infeasible_upstream(self, recipe: str) -> Day0Error | None:
         """A PTQ failure that makes everything downstream of this recipe pointless (-> skip, INFEASIBLE)."""
-        from pytest_day0.failures import INFEASIBLE_CLASSES
-
+        if self.config.quantize == "none":
+            return None
         try:
             checks = self.ptq_checks(recipe)
         except Day0Error as exc:
@@ -246,88 +223,95 @@ class ReleaseChain:
 
     # ------------------------------------------------------------------ serve
 
-    def side_checkpoint(self, side: str) -> Path:
+    def side_checkpoint(self, side: str) -> str:
+        """Where the placement sees what ``side`` serves (raises the upstream failure of an infeasible recipe)."""
         if side == BASELINE:
-            return self.source()
+            return self.placement.source_checkpoint(self.source(), self.source_key())
         upstream = self.infeasible_upstream(side)
         if upstream is not None:
             raise upstream
-        return self.quantized(side).checkpoint
+        return str(self.quantized(side).checkpoint)
+
+    def _external_url(self, side: str) -> tuple[str, str | None]:
+        c = self.config
+        if side == BASELINE:
+            assert c.baseline_url is not None
+            return c.baseline_url, c.baseline_model
+        assert c.candidate_url is not None
+        return c.candidate_url, c.candidate_model
 
     def side_key(self, side: str) -> str:
         c = self.config
-        if c.serve == "external":
-            url = c.baseline_url if side == BASELINE else c.candidate_url
-            return f"{side}-external-" + digest(url)
-        if side == BASELINE:
-            return "baseline-" + digest(self.source_key(), c.serve, *([self.remote.key] if self.remote else []))
-        return f"{side}-" + digest(self.ptq_key(side), c.serve)
+        engine = serve_engine(c.serve)
+        if not engine.managed:
+            url, model = self._external_url(side)
+            return keys.external_side_key(side, url=url, model=model)
+        served = self.source_key() if side == BASELINE else self.checkpoint_key(side)
+        return keys.side_key(side, checkpoint=served, engine=c.serve, engine_version=engine.version(c),
+                             engine_args=c.vllm_args, serve_command=c.serve_command, placement=self.placement.key)
 
-    def _registry_path(self, side: str) -> Path:
+    def _registry_path(self, side_key: str) -> Path:
         """One registration per session: two sessions sharing a workspace each serve (and stop) their own."""
-        return self.ws.path("servers", f"{self.side_key(side)}.{self.session_id}.json")
+        return self.ws.path("servers", f"{side_key}.{self.session_id}.json")
 
-    def _reap_abandoned(self, side: str) -> None:
+    def _registered(self, path: Path) -> ServerRecord | None:
+        data = read_json(path)
+        try:
+            return ServerRecord.model_validate(data) if isinstance(data, dict) else None
+        except ValidationError:
+            return None
+
+    def _reap_abandoned(self, side_key: str) -> None:
         """Stop servers of this side left behind by sessions whose owner is gone (killed runs)."""
-        for path in (self.ws.root / "servers").glob(f"{self.side_key(side)}.*.json"):
-            known = read_json(path)
-            if known and known.get("session") != self.session_id and not pid_alive(int(known.get("owner", 0))):
-                _stop_pid(int(known.get("pid", 0)))
+        for path in (self.ws.root / "servers").glob(f"{side_key}.*.json"):
+            known = self._registered(path)
+            if known is not None and known.session != self.session_id and not pid_alive(known.owner):
+                self.placement.stop([known])
                 path.unlink(missing_ok=True)
 
     def endpoint(self, side: str) -> Endpoint:
         c = self.config
-        if c.serve == "external":
-            url = c.baseline_url if side == BASELINE else c.candidate_url
-            assert url is not None
-            return self._once(f"endpoint-{side}", lambda: _discover_external(url, c.api_key))
-        remote = self.remote
-        if remote is not None:  # a serving job on the remote executor, reached through an SSH tunnel
-            return self._once(f"endpoint-{side}", lambda: self._timed(f"serve {side}",
-                                                                      lambda: remote.endpoint(self, side)))
+        engine = serve_engine(c.serve)
+        if not engine.managed:  # someone else's server: nothing to start, stop or register
+            return self.runner.local(f"endpoint-{side}", lambda: engine.start(ServeRequest(
+                Path(), side, self.ws.root / "logs", timeout_s=min(c.stage_timeout, 60), config=c,
+                progress=self.progress)).endpoint)
+        checkpoint = self.side_checkpoint(side)  # an upstream failure is that stage's, not this one's
+        side_key = self.side_key(side)
+        registry = self._registry_path(side_key)
 
         def build() -> Endpoint:
-            checkpoint = self.side_checkpoint(side)
-            registry = self._registry_path(side)
-            with self.ws.lock(f"serve-{self.side_key(side)}"):
-                failed = read_json(self._session_failure_path(f"serve-{side}"))
-                if failed:
-                    raise _remembered_error(failed)
-                known = read_json(registry)
-                if known and _healthy(known["url"]):
-                    return Endpoint(url=known["url"], model=known["model"])
-                if known:
-                    _stop_pid(int(known.get("pid", 0)))
-                self._reap_abandoned(side)
-                self.ws.event("server_start", side=side, session=self.session_id)
-                try:
-                    handle = self._timed(f"serve {side}", lambda: serve_engine(c.serve).start(ServeRequest(
-                        checkpoint, side, self.ws.root / "logs", timeout_s=min(c.stage_timeout, 600), config=c,
-                        progress=self.progress)))
-                except Day0Error as exc:
-                    atomic_write_json(self._session_failure_path(f"serve-{side}"),
-                                      {"failure_class": exc.failure_class, "message": exc.message})
-                    raise
-                # Detached: the server outlives this process (an xdist worker may finish before a sibling
-                # that still evaluates); stop_servers() at session end stops it through the registry.
-                atexit.unregister(handle.stop)
-                atomic_write_json(registry, {"url": handle.url, "model": handle.model, "pid": handle.pid,
-                                             "session": self.session_id, "owner": self.owner_pid, "side": side,
-                                             "log": str(handle.log_path)})
-                return handle.endpoint
+            known = self._registered(registry)
+            if known is not None:
+                reached = self.placement.reach(known)
+                if reached is not None:
+                    return reached
+                self.placement.stop([known])
+                registry.unlink(missing_ok=True)
+            self._reap_abandoned(side_key)
+            self.ws.event("server_start", side=side, session=self.session_id)
+            record = self._timed(f"serve {side}", lambda: self.placement.serve(ServeJob(
+                side, checkpoint, side_key, c.stage_timeout, c.serve, c, self.progress)))
+            atomic_write_json(registry, record.model_dump(mode="json"))
+            return Endpoint(url=record.url, model=record.model)
 
-        return self._once(f"endpoint-{side}", build)
+        return self.runner.run(f"serve-{side}", build, lock=f"serve-{side_key}")
 
     def stop_servers(self) -> list[str]:
-        """Stop every server this session started (from any process). Idempotent."""
-        stopped = self.remote.stop_session() if self.remote is not None else []  # scancel, tunnels closed
+        """Stop every server and job this session started (from any process). Idempotent."""
         mine = [(path, known) for path in sorted((self.ws.root / "servers").glob("*.json"))
-                if (known := read_json(path)) and known.get("session") == self.session_id]
-        _stop_pids([int(known.get("pid", 0)) for _, known in mine])  # together: each may take its grace period
-        for path, known in mine:
+                if (known := self._registered(path)) is not None and known.session == self.session_id]
+        stopped = [known.side for _, known in mine]
+        if mine or self._placement is not None or self.config.executor != "local":
+            self.placement.stop([known for _, known in mine])  # together: each may take its grace period
+            stopped += [name for name in self.placement.stop_session() if name not in stopped]
+        for path, _ in mine:
             path.unlink(missing_ok=True)
-            stopped.append(str(known.get("side")))
         return stopped
+
+    def close(self) -> None:
+        if self._placement is not None:
+            self._placement.close()
 
     def deploy(self, side: str) -> DeployRecord:
         """Health + one canary generation, remembered per served checkpoint so a cached re-run only re-gates."""
@@ -335,14 +319,23 @@ class ReleaseChain:
 
         def build() -> DeployRecord:
             cached = read_json(record_path)
-            if cached and cached.get("healthy") and not self.config.fresh and self._all_evals_cached(side):
+            if cached and cached.get("healthy") and not self.runner.fresh and self._all_evals_cached(side):
                 return DeployRecord(**{**cached, "models": tuple(cached["models"]), "cached": True})
             endpoint = self.endpoint(side)
             record = _health_and_canary(side, endpoint, self._canary_prompt())
             atomic_write_json(record_path, {k: v for k, v in record.__dict__.items() if k != "cached"})
             return record
 
-        return self._once(f"deploy-{side}", build)
+        return self.runner.local(f"deploy-{side}", build)
+
+    def deployed(self, side: str) -> None:
+        """The side is servable and healthy (or nothing is served: lm-eval folders); raises the upstream failure."""
+        if side != BASELINE:
+            upstream = self.infeasible_upstream(side)
+            if upstream is not None:
+                raise upstream
+        if self.config.eval != "lm-eval":
+            self.deploy(side)
 
     def _canary_prompt(self) -> str:
         tasks = self.tasks()
@@ -351,8 +344,10 @@ class ReleaseChain:
     # ------------------------------------------------------------------ evaluate
 
     def records_path(self, side: str, task: Task) -> Path:
-        spec_key = digest(task.spec.model_dump(mode="json"))
-        return self.ws.path("evals", self.side_key(side), f"{task.name}-{spec_key}.jsonl")
+        engine = eval_engine(self.config.eval)
+        name = keys.records_key(task=task.name, spec=task.spec.model_dump(mode="json"), engine=engine.name,
+                                engine_version=engine.version(self.config))
+        return self.ws.path("evals", self.side_key(side), f"{name}.jsonl")
 
     def _all_evals_cached(self, side: str) -> bool:
         from pytest_day0.stages.evaluate import cached_result
@@ -362,39 +357,36 @@ class ReleaseChain:
         except Day0Error:
             return False
 
-    def evaluation(self, side: str, task_name: str) -> Any:
+    def evaluation(self, side: str, task_name: str) -> TaskResult:
         from pytest_day0.stages.evaluate import cached_result
 
         task = self.task(task_name)
         if self.config.eval == "lm-eval":  # read, not served: the records land in the workspace like scored ones
             from pytest_day0.scoring import lm_eval
 
-            return self._once(f"eval-{side}-{task.name}", lambda: lm_eval.side_result(
-                self.config, side, task.name, self.ws.root), retry_transient=False)
+            return self.runner.local(f"eval-{side}-{task.name}", lambda: lm_eval.side_result(
+                self.config, side, task.name, self.ws.root))
         path = self.records_path(side, task)
 
-        def build() -> Any:
-            with self.ws.lock(f"eval-{self.side_key(side)}-{task.name}"):
-                if self.config.fresh and not self._memo.get(f"fresh-eval-{side}-{task.name}"):
-                    self._memo[f"fresh-eval-{side}-{task.name}"] = True
-                    path.unlink(missing_ok=True)
-                done = cached_result(task, path, side)
-                if done is not None:
-                    return done
-                result = self._evaluate_once(side, task, path, attempt=1)
-                if self._server_lost(side, result):
-                    # The server died under us (killed, OOM): the finished samples are on disk, so restart it and
-                    # resume once; a second death leaves the result INCOMPLETE and the run gate INFRA_TRANSIENT.
-                    self.progress(f"[day0] eval {side}/{task.name}: the {side} server is gone "
-                                  f"({result.errored_samples} samples unscored) — restarting it and resuming once")
-                    self.ws.event("server_lost", side=side, task=task.name, session=self.session_id)
-                    self._memo.pop(f"endpoint-{side}", None)
-                    result = self._evaluate_once(side, task, path, attempt=2)
-                return result
+        def build() -> TaskResult:
+            done = cached_result(task, path, side)
+            if done is not None:
+                return done
+            result = self._evaluate_once(side, task, path, attempt=1)
+            if self._server_lost(side, result):
+                # The server died under us (killed, OOM): the finished samples are on disk, so restart it and
+                # resume once; a second death leaves the result INCOMPLETE and the run gate INFRA_TRANSIENT.
+                self.progress(f"[day0] eval {side}/{task.name}: the {side} server is gone "
+                              f"({result.errored_samples} samples unscored) — restarting it and resuming once")
+                self.ws.event("server_lost", side=side, task=task.name, session=self.session_id)
+                self.runner.forget(f"serve-{side}")
+                result = self._evaluate_once(side, task, path, attempt=2)
+            return result
 
-        return self._once(f"eval-{side}-{task.name}", build)
+        return self.runner.run(f"eval-{side}-{task.name}", build, lock=f"eval-{path.parent.name}-{path.stem}",
+                               reset=lambda: path.unlink(missing_ok=True))
 
-    def _evaluate_once(self, side: str, task: Task, path: Path, attempt: int) -> Any:
+    def _evaluate_once(self, side: str, task: Task, path: Path, attempt: int) -> TaskResult:
         endpoint = self.endpoint(side)
         self.ws.event("eval_run", side=side, task=task.name, session=self.session_id, attempt=attempt)
         last = [0.0]
@@ -411,7 +403,8 @@ class ReleaseChain:
                 self.progress(f"[day0]   {side}/{task.name}: {done_n}/{total} samples ({rate:.1f}/s)")
 
         result = self._timed(f"eval {side}/{task.name}", lambda: eval_engine(self.config.eval).evaluate(
-            EvalRequest(task, endpoint, path, side, concurrency=self.config.concurrency, progress=on_progress)))
+            EvalRequest(task, endpoint, path, side, concurrency=self.config.concurrency, progress=on_progress,
+                        timeout_s=self.config.stage_timeout)))
         total = len(task.samples)
         self.ws.event("eval_done", side=side, task=task.name, session=self.session_id, attempt=attempt,
                       reused=reused[0] if reused[0] >= 0 else None,
@@ -419,75 +412,96 @@ class ReleaseChain:
                       scored=result.scored_samples, errored=result.errored_samples)
         return result
 
-    def _server_lost(self, side: str, result: Any) -> bool:
+    def _server_lost(self, side: str, result: TaskResult) -> bool:
         """Samples failed and the server we started no longer answers: a restart can save the evaluation."""
-        if self.remote is not None or not serve_engine(self.config.serve).managed:
+        if self.placement.key or not serve_engine(self.config.serve).managed:
             return False  # a remote job or someone else's server: not ours to restart
-        if getattr(result, "errored_samples", 0) == 0 or getattr(result, "status", "") != "INCOMPLETE":
+        if result.errored_samples == 0 or result.status != "INCOMPLETE":
             return False
-        known = read_json(self._registry_path(side))
-        return bool(known) and not _healthy(str(known["url"]))
+        known = self._registered(self._registry_path(self.side_key(side)))
+        return known is not None and self.placement.reach(known) is None
+
+    def records(self, side: str, task_name: str) -> list[SampleRecord]:
+        """This run's records of one side (a records file may also hold samples outside --day0-limit)."""
+        from pytest_day0.stages.evaluate import read_records
+
+        result = self.evaluation(side, task_name)
+        by_id, _ = read_records(Path(result.records_path))
+        return [by_id[s.id] for s in self.task(task_name).samples if s.id in by_id]
+
+    # ------------------------------------------------------------------ checks (I/O here, decisions in gates/)
+
+    def run_check(self, side: str, task_name: str) -> RunCheck:
+        from pytest_day0.gates.run import check_run
+
+        return check_run(self.evaluation(side, task_name))
+
+    def comparison(self, recipe: str, task_name: str) -> TaskComparison:
+        """Floor, quality and anomaly of one task share one comparison, computed once per process and saved."""
+        from pytest_day0.gates.compare import compare_task
+        from pytest_day0.gates.run import align_records, check_run
+        from pytest_day0.gates.stats import paired_from_records
+
+        c = self.config
+
+        def build() -> TaskComparison:
+            results = {side: self.evaluation(side, task_name) for side in (BASELINE, recipe)}
+            abstain = any(check_run(r).abstain for r in results.values())
+            base, cand = self.records(BASELINE, task_name), self.records(recipe, task_name)
+            align_records(base, cand)  # ids and prompts: a pair that is no pair is SAMPLE_ACCOUNTING_FAILED
+            paired = paired_from_records(base, cand, c.confidence) if c.stat == "paired" else None
+            comparison = compare_task(
+                self.task(task_name).spec, results[BASELINE], results[recipe], threshold=c.threshold,
+                floor=c.floor, relative=c.relative, abstain=abstain, recipe=recipe, paired=paired)
+            save_comparison(self.ws.root, self.session_id, comparison)
+            return comparison
+
+        return self.runner.local(f"compare-{recipe}-{task_name}", build)
+
+    def task_set_check(self, recipe: str) -> RunCheck:
+        from pytest_day0.gates.run import check_task_sets
+
+        names = [t.name for t in self.tasks()]
+        sides = {side: {n for n in names if self.evaluation(side, n) is not None} for side in (BASELINE, recipe)}
+        return check_task_sets(sides[BASELINE], sides[recipe])
+
+    def verbosity_check(self, recipe: str, task_name: str) -> VerbosityCheck:
+        from pytest_day0.gates.verbosity import check_verbosity
+
+        base, cand = self.evaluation(BASELINE, task_name), self.evaluation(recipe, task_name)
+        return check_verbosity(task_name, self.task(task_name).spec.kind, base.mean_completion_tokens,
+                               cand.mean_completion_tokens, n=min(base.scored_samples, cand.scored_samples),
+                               threshold=self.config.verbosity)
+
+    def published_check(self, task_name: str) -> PublishedCheck | None:
+        """None when the baseline has no valid score to hold against its published one (the run gate says why)."""
+        from pytest_day0.gates.published import check_published
+        from pytest_day0.gates.run import check_run
+        from pytest_day0.gates.stats import mean_interval
+        from pytest_day0.scoring.published import load_published
+
+        c = self.config
+        assert c.published is not None
+        published = load_published(c.published)[task_name]
+        result = self.evaluation(BASELINE, task_name)
+        if not check_run(result).passed or result.score is None:
+            return None
+        spec = self.task(task_name).spec
+        interval = None
+        n = result.scored_samples
+        if c.stat == "paired":
+            values = [r.correct for r in self.records(BASELINE, task_name) if r.correct is not None]
+            low, high = mean_interval(values, c.confidence)
+            interval, n = (spec.to_scale(low), spec.to_scale(high)), len(values)
+        return check_published(task_name, spec.scale, float(result.score), published, interval=interval, n=n)
 
 
 # ---------------------------------------------------------------------- helpers (I/O)
 
 
-def _healthy(url: str, timeout: float = 3.0) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
-    _stop_pids([pid], grace_s)
-
-
-def _stop_pids(pids: list[int], grace_s: float = 10.0) -> None:
-    """SIGTERM every group first, then wait once for all of them: stopping N servers costs one grace period."""
-    alive = set()
-    for pid in pids:
-        if pid <= 0:
-            continue
-        try:
-            os.killpg(pid, signal.SIGTERM)
-            alive.add(pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    deadline = time.time() + grace_s
-    while alive and time.time() < deadline:
-        for pid in list(alive):
-            with contextlib.suppress(ChildProcessError):  # started by this process: reap it, a zombie looks alive
-                os.waitpid(pid, os.WNOHANG)
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                alive.discard(pid)
-        if alive:
-            time.sleep(0.05)
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-def _discover_external(url: str, api_key: Any) -> Endpoint:
-    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
-    try:
-        resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
-    except httpx.HTTPError as exc:
-        raise Day0Error(FailureClass.SYSTEMIC, f"{url} is unreachable: {type(exc).__name__}") from None
-    if resp.status_code in (401, 403):
-        raise Day0Error(FailureClass.SYSTEMIC, f"{url} refused our credentials (HTTP {resp.status_code})")
-    try:
-        models = [m["id"] for m in resp.json()["data"]]
-    except (ValueError, KeyError, TypeError):
-        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{url}/v1/models answered no model list") from None
-    if not models:
-        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{url} serves no model")
-    return Endpoint(url=url, model=models[0], api_key=api_key)
-
-
 def _health_and_canary(side: str, endpoint: Endpoint, prompt: str) -> DeployRecord:
+    import httpx
+
     started = time.time()
     try:
         with httpx.Client(base_url=endpoint.url, headers=endpoint.headers(), timeout=60) as client:
@@ -513,3 +527,6 @@ def _health_and_canary(side: str, endpoint: Endpoint, prompt: str) -> DeployReco
         raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"{side}: canary generation came back empty")
     ids = tuple(str(m.get("id")) for m in models.get("data", [])) if isinstance(models, dict) else ()
     return DeployRecord(side, True, ids, prompt, text, round(time.time() - started, 3), False)
+
+
+__all__ = ["BASELINE", "DeployRecord", "ReleaseChain", "make_placement"]

@@ -1,31 +1,39 @@
-"""The built-in release suite: ordinary tests over the chain's fixtures, in chain order.
+"""The built-in release suite: ordinary tests over the chain, in chain order. They only attach and assert.
 
-Collected by the plugin when ``--day0-model`` is given (no file needed in the user's repo). Each gate is
-a plain assertion through a pure gate function; a stage failure in the test that owns the stage is a
-gate failure of its class, and in a test downstream of it a skip whose reason starts with that class.
+Collected by the plugin when ``--day0-model`` is given (no file needed in the user's repo). The chain computes
+every artifact and every check (its I/O calling the pure gates); a test builds its ``GateOutcome`` with the gate's
+typed builder, attaches it once, and asserts. A stage failure in the test that owns the stage is a gate failure
+of its class; in a test downstream of it, a skip that carries that class (``UpstreamSkip``), never a string to
+parse back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
+from pytest_day0.gates.outcome import GateOutcome, stage_outcome
 from pytest_day0.release.chain import BASELINE, ReleaseChain
+from pytest_day0.release.state import CONFIG_KEY, OUTCOME_KEY, STATE_KEY
 
 T = TypeVar("T")
 
 
-def _props(request: pytest.FixtureRequest, **values: Any) -> None:
-    """Numbers behind a gate, as JUnit properties / JSON metadata (a key already recorded is not repeated)."""
-    have = {k for k, _ in request.node.user_properties}
-    for key, value in values.items():
-        if value is not None and key not in have:
-            request.node.user_properties.append((key, value if isinstance(value, (int, float, str)) else str(value)))
+class UpstreamSkip(pytest.skip.Exception):  # type: ignore[name-defined,misc]
+    """A skip whose cause has a failure class: the plugin reads ``failure_class`` from it, typed."""
+
+    def __init__(self, failure_class: FailureClass | None, message: str) -> None:
+        self.failure_class = failure_class
+        self.day0_message = " ".join(message.split())
+        prefix = f"[{failure_class}] " if failure_class else ""
+        super().__init__(prefix + self.day0_message, allow_module_level=False)
+
+
+def skip(failure_class: FailureClass | None, message: str) -> NoReturn:
+    raise UpstreamSkip(failure_class, message)
 
 
 def owns(fn: Callable[[], T]) -> T:
@@ -37,20 +45,20 @@ def owns(fn: Callable[[], T]) -> T:
 
 
 def needs(fn: Callable[[], T], what: str) -> T:
-    """An upstream stage this test depends on: if it failed, skip with its class first in the reason."""
+    """An upstream stage this test depends on: if it failed, skip with its class."""
     try:
         return fn()
     except Day0Error as exc:
-        pytest.skip(f"[{exc.failure_class}] upstream {what} failed: {exc.message}")
+        skip(exc.failure_class, f"upstream {what} failed: {exc.message}")
 
 
-@contextmanager
-def _numbers(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    numbers: dict[str, Any] = {}
-    try:
-        yield numbers
-    finally:
-        _props(request, **numbers)
+def attach(request: pytest.FixtureRequest, outcome: GateOutcome) -> None:
+    """The test's own typed outcome; the plugin reports it once (a later exception only confirms it)."""
+    request.node.stash[OUTCOME_KEY] = outcome
+
+
+def _warn_as_error(chain: ReleaseChain) -> bool:
+    return chain.config.gate_mode == "hard"
 
 
 # ---------------------------------------------------------------------- setup
@@ -61,17 +69,23 @@ def test_setup(day0_chain: ReleaseChain, request: pytest.FixtureRequest) -> None
     # --day0-quantize none (lm-eval results, external endpoints) gates no checkpoint: the source is a label
     source = owns(day0_chain.source) if day0_chain.config.quantize != "none" else None
     tasks = owns(day0_chain.tasks)
-    _props(request, source=str(source) if source else None, tasks=",".join(t.name for t in tasks),
-           samples=sum(len(t.samples) for t in tasks))
-    if day0_chain.remote is not None:  # the SSH host / cluster: host key, auth, scheduler (SYSTEMIC, one line)
-        _props(request, executor=owns(day0_chain.remote.check))
+    numbers: dict[str, Any] = {"source": str(source) if source else None, "tasks": ",".join(t.name for t in tasks),
+                               "samples": sum(len(t.samples) for t in tasks)}
+    executor = owns(day0_chain.check_placement)  # the SSH host / cluster: host key, auth, scheduler (SYSTEMIC)
+    if executor:
+        numbers["executor"] = executor
     if day0_chain.config.serve == "external":
-        owns(lambda: day0_chain.endpoint(BASELINE))
-        for recipe in day0_chain.config.recipes:
-            owns(lambda r=recipe: day0_chain.endpoint(r))  # type: ignore[misc]
+        for side in (BASELINE, *day0_chain.config.recipes):
+            numbers[f"{side}_model"] = owns(lambda s=side: day0_chain.endpoint(s)).model  # type: ignore[misc]
+    attach(request, stage_outcome("setup", numbers=numbers))
 
 
 # ---------------------------------------------------------------------- PTQ
+
+
+def _no_checkpoint_skips(day0_chain: ReleaseChain) -> None:
+    if day0_chain.config.quantize == "none":
+        skip(None, "no checkpoint to gate (--day0-quantize none): the PTQ gates do not apply")
 
 
 def test_ptq(day0_chain: ReleaseChain, day0_recipe: str, request: pytest.FixtureRequest) -> None:
@@ -80,23 +94,19 @@ def test_ptq(day0_chain: ReleaseChain, day0_recipe: str, request: pytest.Fixture
     needs(day0_chain.source, "setup")
     result = owns(lambda: day0_chain.quantized(day0_recipe))
     inspection = owns(lambda: day0_chain.candidate_inspection(day0_recipe))
-    _props(request, checkpoint=str(result.checkpoint), engine=result.engine, reused=int(result.reused),
-           ptq_seconds=round(result.wall_s, 2), quant_algo=inspection.quant_algo or "none",
-           tensors=inspection.tensor_count)
-
-
-def _no_checkpoint_skips(day0_chain: ReleaseChain) -> None:
-    if day0_chain.config.quantize == "none":
-        pytest.skip("no checkpoint to gate (--day0-quantize none): the PTQ gates do not apply")
+    attach(request, stage_outcome("ptq", recipe=day0_recipe, numbers={
+        "checkpoint": str(result.checkpoint), "engine": result.engine, "reused": int(result.reused),
+        "ptq_seconds": round(result.wall_s, 2), "quant_algo": inspection.quant_algo or "none",
+        "tensors": inspection.tensor_count}))
 
 
 def _ptq_check(day0_chain: ReleaseChain, recipe: str, name: str, request: pytest.FixtureRequest) -> None:
-    from pytest_day0.gates.ptq import assert_ptq_check
+    from pytest_day0.gates.ptq import assert_ptq_check, ptq_outcome
 
     _no_checkpoint_skips(day0_chain)
     checks = needs(lambda: day0_chain.ptq_checks(recipe), f"PTQ {recipe}")
     check = next(c for c in checks if c.name == name)
-    _props(request, **check.numbers)
+    attach(request, ptq_outcome(check, recipe))
     assert_ptq_check(check)
 
 
@@ -121,158 +131,93 @@ def test_ptq_metadata(day0_chain: ReleaseChain, day0_recipe: str, request: pytes
 def test_deploy(day0_chain: ReleaseChain, day0_side: str, request: pytest.FixtureRequest) -> None:
     """The side is served, healthy, and answers one canary generation."""
     if day0_chain.config.eval == "lm-eval":
-        pytest.skip("nothing is served: the scores come from lm-eval results (--day0-eval lm-eval)")
+        skip(None, "nothing is served: the scores come from lm-eval results (--day0-eval lm-eval)")
     if day0_chain.config.quantize != "none":
         needs(day0_chain.source, "setup")
-    if day0_side != BASELINE and day0_chain.config.quantize != "none":
-        upstream = day0_chain.infeasible_upstream(day0_side)
-        if upstream is not None:
-            pytest.skip(f"[{upstream.failure_class}] upstream PTQ {day0_side} failed: {upstream.message}")
+    upstream = day0_chain.infeasible_upstream(day0_side) if day0_side != BASELINE else None
+    if upstream is not None:
+        skip(upstream.failure_class, f"upstream PTQ {day0_side} failed: {upstream.message}")
     record = owns(lambda: day0_chain.deploy(day0_side))
-    _props(request, served_models=",".join(record.models), canary=record.canary_text[:80],
-           deploy_seconds=record.seconds, cached=int(record.cached))
+    attach(request, stage_outcome("deploy", side=day0_side, recipe=None if day0_side == BASELINE else day0_side,
+                                  numbers={"served_models": ",".join(record.models), "canary": record.canary_text[:80],
+                                           "deploy_seconds": record.seconds, "cached": int(record.cached)}))
 
 
 # ---------------------------------------------------------------------- evaluate
 
 
-def _deployed(day0_chain: ReleaseChain, side: str) -> None:
-    if side != BASELINE and day0_chain.config.quantize != "none":
-        upstream = day0_chain.infeasible_upstream(side)
-        if upstream is not None:
-            raise upstream
-    if day0_chain.config.eval != "lm-eval":  # lm-eval results: nothing to deploy
-        day0_chain.deploy(side)
-
-
 def test_eval_complete(day0_chain: ReleaseChain, day0_side: str, day0_task: str,
                        request: pytest.FixtureRequest) -> None:
     """The run gate: terminal status, every sample accounted for, no errors, a finite score on the task's scale."""
-    from pytest_day0.gates.run import check_run
+    from pytest_day0.gates.run import assert_run, run_outcome
 
-    needs(lambda: _deployed(day0_chain, day0_side), f"deploy {day0_side}")
+    needs(lambda: day0_chain.deployed(day0_side), f"deploy {day0_side}")
     result = owns(lambda: day0_chain.evaluation(day0_side, day0_task))
-    check = check_run(result)
-    _props(request, **check.numbers)
-    if not check.passed:
-        assert check.failure_class is not None
-        raise GateFailure(check.failure_class, f"{day0_side}/{day0_task}: {check.message}")
+    check = owns(lambda: day0_chain.run_check(day0_side, day0_task))
+    attach(request, run_outcome(check, result, recipe=None if day0_side == BASELINE else day0_side))
+    assert_run(check)
 
 
 # ---------------------------------------------------------------------- compare
 
 
-def _records(day0_chain: ReleaseChain, result: Any, task: str) -> list[Any]:
-    """This run's records of one side (a records file may also hold samples outside --day0-limit)."""
-    from pytest_day0.stages.evaluate import read_records
-
-    by_id, _ = read_records(Path(result.records_path))
-    wanted = [s.id for s in day0_chain.task(task).samples]
-    return [by_id[i] for i in wanted if i in by_id]
-
-
-def _paired(day0_chain: ReleaseChain, results: dict[str, Any], recipe: str, task: str) -> Any:
-    """Paired per-sample statistics of the two sides (None with --day0-stat point)."""
-    from pytest_day0.gates.stats import paired_from_records
-
-    if day0_chain.config.stat != "paired":
-        return None
-    return paired_from_records(_records(day0_chain, results[BASELINE], task),
-                               _records(day0_chain, results[recipe], task), day0_chain.config.confidence)
-
-
-def _comparison(day0_chain: ReleaseChain, recipe: str, task: str) -> Any:
-    from pytest_day0.gates.compare import compare_task
-    from pytest_day0.gates.run import check_run
-    from pytest_day0.report.session_report import save_comparison
-
-    results = {}
-    abstain = False
+def _both_sides(day0_chain: ReleaseChain, recipe: str, task: str) -> None:
     for side in (BASELINE, recipe):
-        needs(lambda s=side: _deployed(day0_chain, s), f"deploy {side}")  # type: ignore[misc]
-        result = needs(lambda s=side: day0_chain.evaluation(s, task), f"eval {side}/{task}")  # type: ignore[misc]
-        abstain = abstain or check_run(result).abstain
-        results[side] = result
-    c = day0_chain.config
-
-    def compare() -> Any:
-        comparison = compare_task(
-            day0_chain.task(task).spec, results[BASELINE], results[recipe], threshold=c.threshold, floor=c.floor,
-            relative=c.relative, abstain=abstain, recipe=recipe, paired=_paired(day0_chain, results, recipe, task))
-        save_comparison(c.workdir, day0_chain.session_id, comparison)
-        return comparison
-
-    # floor, quality and anomaly share one comparison (the bootstrap runs once per task and process)
-    return owns(lambda: day0_chain._once(f"compare-{recipe}-{task}", compare, retry_transient=False))
+        needs(lambda s=side: day0_chain.deployed(s), f"deploy {side}")  # type: ignore[misc]
+        needs(lambda s=side: day0_chain.evaluation(s, task), f"eval {side}/{task}")  # type: ignore[misc]
 
 
-def _judge(assertion: Callable[[Any], None], comparison: Any, request: pytest.FixtureRequest) -> None:
-    """Run a comparison gate; a gate that could not judge is a skip whose reason starts with its class."""
-    from pytest_day0.gates.compare import GateSkipped, comparison_numbers
+def _judge(day0_chain: ReleaseChain, recipe: str, task: str, gate: str, request: pytest.FixtureRequest) -> None:
+    """Floor, quality and anomaly read one comparison (computed once by the chain); a gate that could not judge
+    is a skip that carries its class."""
+    from pytest_day0.gates.compare import assert_decision, decision_outcome
 
-    _props(request, **{k: v for k, v in comparison_numbers(comparison).items() if v is not None})
-    try:
-        assertion(comparison)
-    except GateSkipped as exc:
-        pytest.skip(str(exc))
+    _both_sides(day0_chain, recipe, task)
+    comparison = owns(lambda: day0_chain.comparison(recipe, task))
+    decision = {"floor": comparison.floor, "quality": comparison.quality, "anomaly": comparison.anomaly}[gate]
+    attach(request, decision_outcome(comparison, decision, warn_as_error=_warn_as_error(day0_chain)))
+    if decision.skipped:
+        skip(decision.failure_class, decision.message)
+    assert_decision(decision)
 
 
 def test_task_set(day0_chain: ReleaseChain, day0_recipe: str, request: pytest.FixtureRequest) -> None:
     """Baseline and candidate were evaluated on the same tasks (else the comparison is ANOMALOUS)."""
-    from pytest_day0.gates.run import check_task_sets
+    from pytest_day0.gates.run import assert_run, task_set_outcome
 
-    names = [t.name for t in needs(day0_chain.tasks, "setup")]
-    sides = {}
+    needs(day0_chain.tasks, "setup")
     for side in (BASELINE, day0_recipe):
-        needs(lambda s=side: _deployed(day0_chain, s), f"deploy {side}")  # type: ignore[misc]
-        sides[side] = {n for n in names
-                       if needs(lambda s=side, n=n: day0_chain.evaluation(s, n), f"eval {side}") is not None}  # type: ignore[misc]
-    check = check_task_sets(sides[BASELINE], sides[day0_recipe])
-    _props(request, baseline_tasks=len(sides[BASELINE]), candidate_tasks=len(sides[day0_recipe]))
-    if not check.passed:
-        raise GateFailure(check.failure_class or FailureClass.ANOMALOUS, check.message)
+        needs(lambda s=side: day0_chain.deployed(s), f"deploy {side}")  # type: ignore[misc]
+    check = needs(lambda: day0_chain.task_set_check(day0_recipe), "eval")
+    attach(request, task_set_outcome(check, recipe=day0_recipe))
+    assert_run(check)
 
 
 def test_floor(day0_chain: ReleaseChain, day0_recipe: str, day0_task: str, request: pytest.FixtureRequest) -> None:
     """Catastrophic floor (tier hard): the drop must stay under the floor, in points of the task's own scale."""
-    from pytest_day0.gates.compare import assert_floor
-
-    _judge(assert_floor, _comparison(day0_chain, day0_recipe, day0_task), request)
+    _judge(day0_chain, day0_recipe, day0_task, "floor", request)
 
 
 def test_quality(day0_chain: ReleaseChain, day0_recipe: str, day0_task: str, request: pytest.FixtureRequest) -> None:
     """Quality tier (warn): the drop must stay within the threshold."""
-    from pytest_day0.gates.compare import assert_quality
-
-    _judge(assert_quality, _comparison(day0_chain, day0_recipe, day0_task), request)
+    _judge(day0_chain, day0_recipe, day0_task, "quality", request)
 
 
 def test_gain_plausible(day0_chain: ReleaseChain, day0_recipe: str, day0_task: str,
                         request: pytest.FixtureRequest) -> None:
     """A quantized model that beats its baseline by a wide margin means something is mis-measured (ANOMALOUS)."""
-    from pytest_day0.gates.compare import assert_no_anomaly
-
-    _judge(assert_no_anomaly, _comparison(day0_chain, day0_recipe, day0_task), request)
+    _judge(day0_chain, day0_recipe, day0_task, "anomaly", request)
 
 
 def test_verbosity(day0_chain: ReleaseChain, day0_recipe: str, day0_task: str, request: pytest.FixtureRequest) -> None:
     """Tier warn: mean completion tokens changed by more than --day0-verbosity of the baseline's (either way)."""
-    from pytest_day0.gates.verbosity import assert_verbosity, check_verbosity
+    from pytest_day0.gates.verbosity import assert_verbosity, verbosity_outcome
 
-    results = {}
-    for side in (BASELINE, day0_recipe):
-        needs(lambda s=side: _deployed(day0_chain, s), f"deploy {side}")  # type: ignore[misc]
-        results[side] = needs(lambda s=side: day0_chain.evaluation(s, day0_task),  # type: ignore[misc]
-                              f"eval {side}/{day0_task}")
-    base, cand = results[BASELINE], results[day0_recipe]
-    check = check_verbosity(day0_task, day0_chain.task(day0_task).spec.kind, base.mean_completion_tokens,
-                            cand.mean_completion_tokens, n=min(base.scored_samples, cand.scored_samples),
-                            threshold=day0_chain.config.verbosity)
-    _props(request, **check.numbers)
-    if check.note:
-        _props(request, verbosity_note=check.note)
+    _both_sides(day0_chain, day0_recipe, day0_task)
+    check = owns(lambda: day0_chain.verbosity_check(day0_recipe, day0_task))
+    attach(request, verbosity_outcome(check, day0_recipe, warn_as_error=_warn_as_error(day0_chain)))
     if check.skipped:
-        pytest.skip(check.message)
+        skip(None, check.message)
     assert_verbosity(check)
 
 
@@ -283,29 +228,15 @@ def test_published_baseline(day0_chain: ReleaseChain, day0_task: str, request: p
     paired statistics on, it fires only when the whole interval of the measured score is out of tolerance
     (an interval reaching across the tolerance is INCONCLUSIVE, warn).
     """
-    from pytest_day0.gates.published import assert_published, check_published
-    from pytest_day0.gates.run import check_run
-    from pytest_day0.gates.stats import mean_interval
-    from pytest_day0.scoring.published import load_published
+    from pytest_day0.gates.published import assert_published, published_outcome
 
-    c = day0_chain.config
-    assert c.published is not None
-    published = owns(lambda: load_published(c.published))[day0_task]  # type: ignore[arg-type]
-    needs(lambda: _deployed(day0_chain, BASELINE), "deploy baseline")
-    result = needs(lambda: day0_chain.evaluation(BASELINE, day0_task), f"eval baseline/{day0_task}")
-    spec = day0_chain.task(day0_task).spec
-    if not check_run(result).passed or result.score is None:
-        pytest.skip(f"[{check_run(result).failure_class}] upstream eval baseline/{day0_task} failed")
-    interval = None
-    n = result.scored_samples
-    if c.stat == "paired":
-        values = [r.correct for r in _records(day0_chain, result, day0_task) if r.correct is not None]
-        low, high = mean_interval(values, c.confidence)
-        interval, n = (spec.to_scale(low), spec.to_scale(high)), len(values)
-    check = check_published(day0_task, spec.scale, float(result.score), published, interval=interval, n=n)
-    _props(request, **check.numbers)
-    if check.tier is Tier.WARN:
-        request.node.user_properties.append(("tier", str(Tier.WARN)))  # later values win in the outcome
+    needs(lambda: day0_chain.deployed(BASELINE), "deploy baseline")
+    needs(lambda: day0_chain.evaluation(BASELINE, day0_task), f"eval baseline/{day0_task}")
+    check = owns(lambda: day0_chain.published_check(day0_task))
+    if check is None:
+        run = day0_chain.run_check(BASELINE, day0_task)
+        skip(run.failure_class, f"upstream eval baseline/{day0_task} failed: {run.message}")
+    attach(request, published_outcome(check, warn_as_error=_warn_as_error(day0_chain)))
     assert_published(check)
 
 
@@ -320,43 +251,28 @@ GATES = {
 TIERS = {"quality": Tier.WARN, "verbosity": Tier.WARN}
 
 
-def collected(item: pytest.Item, config: Any) -> bool:
-    """Which generated items the session keeps: test_published_baseline only for tasks with a published score."""
-    if getattr(item, "originalname", item.name) != "test_published_baseline":
-        return True
+def published_tasks(config: Any, tasks: list[str]) -> list[str]:
+    """The tasks test_published_baseline runs for: those with a published score (none without --day0-published)."""
     if config.published is None:
-        return False
+        return []
     from pytest_day0.scoring.published import load_published
 
-    params = getattr(item, "callspec", None)
-    task = params.params.get("day0_task") if params is not None else None
-    return task in load_published(config.published)
+    published = load_published(config.published)
+    return [t for t in tasks if t in published]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    chain_config = metafunc.config.stash.get(_CONFIG_KEY(), None)
-    if chain_config is None:
+    run = metafunc.config.stash.get(CONFIG_KEY, None)
+    state = metafunc.config.stash.get(STATE_KEY, None)
+    if run is None or state is None:
         return
-    recipes = list(chain_config.recipes)
-    state = metafunc.config.stash.get(_STATE_KEY(), None)
-    tasks = list(state.task_names) if state is not None else [
-        t.rsplit("/", 1)[-1].removesuffix(".task.json").removesuffix(".yaml").removesuffix(".yml")
-        for t in chain_config.tasks]
+    recipes = list(run.recipes)
+    tasks = list(state.task_names)
+    if metafunc.function.__name__ == "test_published_baseline":
+        tasks = published_tasks(run, tasks)  # generated only where there is a published score: no phantom items
     if "day0_side" in metafunc.fixturenames:
         metafunc.parametrize("day0_side", [BASELINE, *recipes])
     if "day0_recipe" in metafunc.fixturenames:
         metafunc.parametrize("day0_recipe", recipes)
     if "day0_task" in metafunc.fixturenames:
         metafunc.parametrize("day0_task", tasks)
-
-
-def _CONFIG_KEY() -> Any:
-    from pytest_day0.plugin import CONFIG_KEY
-
-    return CONFIG_KEY
-
-
-def _STATE_KEY() -> Any:
-    from pytest_day0.plugin import STATE_KEY
-
-    return STATE_KEY

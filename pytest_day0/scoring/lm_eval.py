@@ -262,6 +262,7 @@ def doc_records(task: LmEvalTask, limit: int | None = None) -> list[SampleRecord
             id=doc,
             task=task.name,
             prompt_hash=_prompt_hash(first),
+            prompt=_prompt_text(first),
             target=str(first.get("target", "")),
             response=json.dumps(response, default=str)[:500] if response is not None else None,
             correct=None if error else math.fsum(v for v in values if v is not None) / len(values),

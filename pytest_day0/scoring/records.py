@@ -15,6 +15,7 @@ class SampleRecord(BaseModel):
     id: str
     task: str
     prompt_hash: str  # sha256 of the exact prompt text sent; a changed task spec never reuses old records
+    prompt: str | None = None  # the prompt text sent (context for multiple choice): pairing names where sides differ
     target: int | str
     response: str | None = None  # generated text (generate) or the chosen continuation (multiple choice)
     choice_logprobs: list[float] | None = None  # sum of continuation token logprobs per choice

@@ -8,6 +8,7 @@ environment's python as a child process. Which python: ``--day0-vllm-python`` / 
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -56,3 +57,16 @@ def require_module(python: str, module: str, engine: str, timeout_s: float = 30.
     if done.returncode != 0:
         raise Day0Error(FailureClass.USER_CONFIG_ERROR,
                         f"{engine}: {module} is not installed for {python}; {INSTALL_HINT}")
+
+
+@functools.cache  # asked for many times a session (cache keys); the answer cannot change within one
+def installed_versions(python: str, packages: tuple[str, ...]) -> str | None:
+    """``pkg==v`` of each package installed for ``python``, read from its metadata (nothing is imported)."""
+    probe = ("import importlib.metadata as m, sys\n"
+             "print(' '.join(f'{p}=={m.version(p)}' for p in sys.argv[1:]))")
+    try:
+        done = subprocess.run([python, "-c", probe, *packages], capture_output=True, text=True, timeout=30,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None

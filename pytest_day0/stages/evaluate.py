@@ -248,7 +248,7 @@ async def _generate(client: OpenAIClient, task: Task, sample: Sample, base: Samp
 
 async def _run_sample(client: OpenAIClient, task: Task, sample: Sample, phash: str) -> SampleRecord:
     """Never raises (except cancellation): a failure becomes the record's one-line, class-prefixed error."""
-    base = SampleRecord(id=sample.id, task=task.name, prompt_hash=phash, target=sample.target)
+    base = SampleRecord(id=sample.id, task=task.name, prompt_hash=phash, prompt=sample.prompt, target=sample.target)
     t0 = time.perf_counter()
     try:
         if task.spec.kind == "multiple_choice":
@@ -281,8 +281,13 @@ async def evaluate_task(
     retry_after_cap_s: float = 30.0,
     seed: int = 0,
     stats: EvalStats | None = None,
+    deadline_s: float | None = None,
 ) -> TaskResult:
-    """Score ``task`` on ``endpoint``, resuming from ``records_path``; per-sample failures land in records."""
+    """Score ``task`` on ``endpoint``, resuming from ``records_path``; per-sample failures land in records.
+
+    ``deadline_s`` bounds the whole evaluation (the stage timeout): past it the samples in flight are cancelled,
+    every finished record is kept, and the stage raises INFRA_TRANSIENT so a retry resumes where this one stopped.
+    """
     t0 = time.perf_counter()
     path = Path(records_path)
     try:
@@ -312,6 +317,7 @@ async def evaluate_task(
         retry_after_cap_s=retry_after_cap_s,
         seed=seed,
     )
+    timed_out = False
     if todo:
         try:
             out = _Appender(path)
@@ -340,7 +346,11 @@ async def evaluate_task(
 
                 running = [asyncio.ensure_future(worker()) for _ in range(min(2 * concurrency, len(todo)))]
                 try:
-                    await asyncio.gather(*running)
+                    remaining = None if deadline_s is None else max(deadline_s - (time.perf_counter() - t0), 0.0)
+                    await asyncio.wait_for(asyncio.gather(*running), remaining)
+                except TimeoutError:
+                    await asyncio.gather(*running, return_exceptions=True)
+                    timed_out = True
                 except OSError as exc:  # disk full, file removed under us: no retry of samples helps
                     for fut in running:
                         fut.cancel()
@@ -359,6 +369,10 @@ async def evaluate_task(
         _write_compacted(path, ordered)
     except OSError as exc:
         raise _disk_error(path, exc, "cannot compact", kept=sum(map(is_scored, ordered))) from None
+    if timed_out:
+        raise Day0Error(FailureClass.INFRA_TRANSIENT,
+                        f"eval {side}/{task.name} reached the stage timeout ({deadline_s:g}s) with {done}/{total} "
+                        "samples finished; they are kept, a retry resumes from there")
     return aggregate(
         task.spec,
         [s.id for s in task.samples],

@@ -9,11 +9,14 @@ failure without parsing tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +204,83 @@ def is_finished(checkpoint: Path) -> bool:
     return (checkpoint / DONE_MARKER).is_file()
 
 
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """The child and everything it started (torch workers, compilers): its own process group, all of it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_quantize_child(
+    cmd: list[str],
+    out_dir: Path,
+    *,
+    what: str,
+    timeout_s: float,
+    marker: dict[str, Any],
+    env: dict[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Run a quantize child that exports into ``--export-path <staging>``; the staging dir becomes ``out_dir``.
+
+    Shared by every local quantize engine. The child's output is pumped on its own thread, so a child that hangs
+    silently still meets ``timeout_s``: then (and on Ctrl-C/SIGTERM in the parent) its whole process group is
+    killed and the staging dir removed. A half-written export is never taken for a finished one: ``DONE_MARKER``
+    is written last and the directory renamed into place.
+    """
+    engine = str(marker.get("engine", "quantize"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    log_path = out_dir.parent / f"{out_dir.name}.log"
+    cmd = [*cmd, "--export-path", str(staging)]
+    started = time.time()
+    timed_out = False
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line is not None and not line.startswith(RESULT_PREFIX):
+                    on_line(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        except BaseException:
+            _kill_group(proc)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        else:
+            _kill_group(proc)  # the child is gone; anything it left running in its group goes with it
+        reader.join(timeout=10)
+    wall = time.time() - started
+    result = _last_result(log_path)
+    if timed_out or proc.returncode != 0 or not result or not result.get("ok"):
+        shutil.rmtree(staging, ignore_errors=True)
+        if timed_out:
+            raise Day0Error(FailureClass.INFRA_TRANSIENT, f"{what} reached the stage timeout ({timeout_s:g}s) and "
+                            "was stopped with its process group", log=str(log_path))
+        if result and not result.get("ok"):
+            raise Day0Error(FailureClass(result["failure_class"]), f"{what}: {result['message']}", log=str(log_path))
+        tail = log_tail(log_path, 1)
+        raise Day0Error(FailureClass.UNKNOWN, f"{what} exited {proc.returncode}: {tail[-1] if tail else 'no output'}",
+                        log=str(log_path))
+    (staging / DONE_MARKER).write_text(json.dumps({**marker, "seconds": round(wall, 3)}, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+    return QuantizeResult(out_dir, engine, str(marker.get("recipe", "")), wall, False, log_path)
+
+
 def quantize_modelopt(
     source: Path,
     recipe: Recipe,
@@ -215,54 +295,12 @@ def quantize_modelopt(
     """Run ModelOpt PTQ into ``out_dir`` (atomically: a half-written export is never taken for a finished one)."""
     if is_finished(out_dir):
         return QuantizeResult(out_dir, "modelopt", recipe.name, 0.0, True, out_dir.parent / f"{out_dir.name}.log")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    log_path = out_dir.parent / f"{out_dir.name}.log"
     cmd = [sys.executable, "-m", "pytest_day0.stages.quantize", "--model", str(source), "--recipe", recipe.name,
-           "--export-path", str(staging), "--calibration", str(calibration), "--calib-size", str(calib_size),
-           "--calib-seq", str(calib_seq)]
-    started = time.time()
+           "--calibration", str(calibration), "--calib-size", str(calib_size), "--calib-seq", str(calib_seq)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if on_line is not None and not line.startswith(RESULT_PREFIX):
-                    on_line(line.rstrip("\n"))
-                if time.time() - started > timeout_s:
-                    proc.kill()
-                    break
-            proc.wait(timeout=max(1.0, timeout_s - (time.time() - started)))
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    wall = time.time() - started
-    result = _last_result(log_path)
-    if proc.returncode != 0 or not result or not result.get("ok"):
-        shutil.rmtree(staging, ignore_errors=True)
-        if result and not result.get("ok"):
-            raise Day0Error(FailureClass(result["failure_class"]), f"PTQ {recipe.name}: {result['message']}",
-                            log=str(log_path))
-        if wall > timeout_s:
-            raise Day0Error(FailureClass.INFRA_TRANSIENT, f"PTQ {recipe.name} timed out after {timeout_s:.0f}s")
-        tail = log_tail(log_path, 1)
-        raise Day0Error(FailureClass.UNKNOWN,
-                        f"PTQ {recipe.name} exited {proc.returncode}: {tail[-1] if tail else 'no output'}",
-                        log=str(log_path))
-    (staging / DONE_MARKER).write_text(json.dumps(
-        {"engine": "modelopt", "recipe": recipe.name, "source": str(source), "seconds": round(wall, 3),
-         "modelopt_version": _modelopt_version()}, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
-    return QuantizeResult(out_dir, "modelopt", recipe.name, wall, False, log_path)
+    return run_quantize_child(cmd, out_dir, what=f"PTQ {recipe.name}", timeout_s=timeout_s, env=env, on_line=on_line,
+                              marker={"engine": "modelopt", "recipe": recipe.name, "source": str(source),
+                                      "modelopt_version": _modelopt_version()})
 
 
 def use_existing(checkpoint: Path, recipe: Recipe) -> QuantizeResult:

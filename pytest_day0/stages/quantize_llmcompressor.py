@@ -11,15 +11,7 @@ W8A8 = SmoothQuant (0.8) + GPTQ, W4A16 / W8A16 = GPTQ, FP8_DYNAMIC = round-to-ne
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,18 +20,15 @@ from typing import Any
 from pytest_day0.checkpoint.recipes import Recipe, resolve_recipe
 from pytest_day0.engines import QuantizeEngine, QuantizeRequest
 from pytest_day0.failures import Day0Error, FailureClass
-from pytest_day0.stages.engines_env import child_env, engines_python, require_module
+from pytest_day0.stages.engines_env import child_env, engines_python, installed_versions, require_module
 from pytest_day0.stages.quantize import (
-    DONE_MARKER,
-    RESULT_PREFIX,
     QuantizeResult,
-    _last_result,
     child_parser,
     copy_tokenizer_files,
     is_finished,
     load_for_calibration,
-    log_tail,
     run_child,
+    run_quantize_child,
 )
 
 ENGINE_NAME = "llmcompressor"
@@ -117,21 +106,7 @@ def _child_main(argv: list[str] | None = None) -> int:
 
 def llmcompressor_version(python: str | None = None) -> str | None:
     """Goes into the checkpoint cache key: read from the engines' environment without importing the package."""
-    return _installed_version(engines_python(python))
-
-
-@functools.cache  # the cache key is asked for many times a session; the answer cannot change within one
-def _installed_version(python: str) -> str | None:
-    try:
-        done = subprocess.run(
-            [python, "-c",
-             "import importlib.metadata as m; print(m.version('llmcompressor'), m.version('compressed-tensors'))"],
-            capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0 or not done.stdout.strip():
-        return None
-    return done.stdout.strip().replace(" ", "+")
+    return installed_versions(engines_python(python), ("llmcompressor", "compressed-tensors"))
 
 
 def quantize_llmcompressor(
@@ -154,65 +129,12 @@ def quantize_llmcompressor(
         return QuantizeResult(out_dir, ENGINE_NAME, recipe.name, 0.0, True, out_dir.parent / f"{out_dir.name}.log")
     python = engines_python(python)
     require_module(python, "llmcompressor", "llmcompressor quantize engine")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    log_path = out_dir.parent / f"{out_dir.name}.log"
-    cmd = [python, "-m", CHILD_MODULE, "--model", str(source), "--recipe", recipe.name, "--export-path", str(staging),
+    cmd = [python, "-m", CHILD_MODULE, "--model", str(source), "--recipe", recipe.name,
            "--calibration", str(calibration), "--calib-size", str(calib_size), "--calib-seq", str(calib_seq)]
-    started = time.time()
-    timed_out = False
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-        def pump() -> None:  # on its own thread, so a child that hangs silently still meets the timeout
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if on_line is not None and not line.startswith(RESULT_PREFIX):
-                    on_line(line.rstrip("\n"))
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except BaseException:
-            _kill(proc)
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if timed_out:
-            _kill(proc)
-        reader.join(timeout=10)
-    wall = time.time() - started
-    result = _last_result(log_path)
-    if timed_out or proc.returncode != 0 or not result or not result.get("ok"):
-        shutil.rmtree(staging, ignore_errors=True)
-        if timed_out:
-            raise Day0Error(FailureClass.INFRA_TRANSIENT, f"llm-compressor {recipe.name} timed out after "
-                            f"{timeout_s:.0f}s", log=str(log_path))
-        if result and not result.get("ok"):
-            raise Day0Error(FailureClass(result["failure_class"]), f"llm-compressor {recipe.name}: {result['message']}",
-                            log=str(log_path))
-        tail = log_tail(log_path, 1)
-        raise Day0Error(FailureClass.UNKNOWN, f"llm-compressor {recipe.name} exited {proc.returncode}: "
-                        f"{tail[-1] if tail else 'no output'}", log=str(log_path))
-    (staging / DONE_MARKER).write_text(json.dumps(
-        {"engine": ENGINE_NAME, "recipe": recipe.name, "scheme": recipe.scheme, "source": str(source),
-         "seconds": round(wall, 3), "llmcompressor_version": llmcompressor_version(python)}, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
-    return QuantizeResult(out_dir, ENGINE_NAME, recipe.name, wall, False, log_path)
-
-
-def _kill(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    return run_quantize_child(cmd, out_dir, what=f"llm-compressor {recipe.name}", timeout_s=timeout_s,
+                              env=child_env(), on_line=on_line,
+                              marker={"engine": ENGINE_NAME, "recipe": recipe.name, "scheme": recipe.scheme,
+                                      "source": str(source), "llmcompressor_version": llmcompressor_version(python)})
 
 
 def _run(request: QuantizeRequest) -> QuantizeResult:

@@ -119,8 +119,9 @@ def _terminate_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
 def classify_server_exit(returncode: int | None, log_text: str) -> tuple[FailureClass, str]:
     """Why a server never became healthy, from its exit code and log: (class, one-line reason).
 
-    A load failure (the checkpoint itself) is CHECKPOINT_NOT_SERVABLE; a crash, a timeout or a bind error is
-    DEPLOYMENT_HEALTH_FAILED, which a retry or another host may fix.
+    A load failure (the checkpoint itself) is CHECKPOINT_NOT_SERVABLE; a crash or a bind error is
+    DEPLOYMENT_HEALTH_FAILED, which another host may fix; still starting at the stage timeout (``returncode``
+    None) is INFRA_TRANSIENT, retried once per session.
     """
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     load_lines = [ln for ln in lines if LOAD_FAILED_MARKER in ln]
@@ -129,7 +130,7 @@ def classify_server_exit(returncode: int | None, log_text: str) -> tuple[Failure
         return FailureClass.CHECKPOINT_NOT_SERVABLE, f"server could not load the checkpoint: {reason}"
     last = lines[-1] if lines else "(empty log)"
     if returncode is None:
-        return FailureClass.DEPLOYMENT_HEALTH_FAILED, f"server did not become healthy in time; last log line: {last}"
+        return FailureClass.INFRA_TRANSIENT, f"server not healthy within the stage timeout; last log line: {last}"
     return FailureClass.DEPLOYMENT_HEALTH_FAILED, f"server exited with code {returncode}; last log line: {last}"
 
 
@@ -144,7 +145,8 @@ def normalize_base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def pick_model(served: Sequence[str], wanted: str | None) -> str:
+def pick_model(served: Sequence[str], wanted: str | None, flag: str = "the model name") -> str:
+    """The model to ask for: the named one (which must be served), or the only one; never a silent first pick."""
     if wanted:
         if served and wanted not in served:
             raise Day0Error(FailureClass.USER_CONFIG_ERROR,
@@ -155,7 +157,7 @@ def pick_model(served: Sequence[str], wanted: str | None) -> str:
     if not served:
         raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, "endpoint's /v1/models lists no model")
     raise Day0Error(FailureClass.USER_CONFIG_ERROR,
-                    f"endpoint serves several models ({', '.join(served)}); name one")
+                    f"endpoint serves several models ({', '.join(served)}): name the one to evaluate with {flag}")
 
 
 # ---------------------------------------------------------------- engines
@@ -247,8 +249,13 @@ def external_endpoint(
     model: str | None = None,
     api_key: str | SecretStr | None = None,
     timeout_s: float = 10.0,
+    *,
+    model_flag: str = "the model name",
 ) -> ServerHandle:
-    """An endpoint run by someone else; the model name is read from GET /v1/models when not given."""
+    """An endpoint run by someone else; the model is the one named, or the only one GET /v1/models lists.
+
+    Unreachable is SYSTEMIC (nothing later can work: the session stops), a refused key or an ambiguous or unknown
+    model is USER_CONFIG_ERROR, an answer that is no model list is DEPLOYMENT_HEALTH_FAILED."""
     base = normalize_base_url(url)
     if not re.match(r"^https?://", base):
         raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"endpoint URL must start with http:// or https://: {url!r}")
@@ -257,20 +264,24 @@ def external_endpoint(
     try:
         response = httpx.get(f"{base}/v1/models", headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
-        raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED,
-                        f"endpoint {base} unreachable: {type(exc).__name__}: {exc}") from exc
+        raise Day0Error(FailureClass.SYSTEMIC, f"endpoint {base} is unreachable: {type(exc).__name__}") from None
     if response.status_code in (401, 403):
-        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"endpoint {base} refused the API key ({response.status_code})")
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR,
+                        f"endpoint {base} refused the API key (HTTP {response.status_code})")
     if response.status_code != 200:
         raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED,
                         f"endpoint {base} GET /v1/models answered {response.status_code}")
     try:
         data: Any = response.json().get("data", [])
         served = [str(card["id"]) for card in data]
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+    except (ValueError, AttributeError, KeyError, TypeError):
         raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED,
-                        f"endpoint {base} /v1/models is not an OpenAI model list") from exc
-    return ServerHandle(base, pick_model(served, model), "external", api_key=key)
+                        f"endpoint {base} /v1/models is not an OpenAI model list") from None
+    try:
+        chosen = pick_model(served, model, model_flag)
+    except Day0Error as exc:
+        raise Day0Error(exc.failure_class, f"{base}: {exc.message}") from None
+    return ServerHandle(base, chosen, "external", api_key=key)
 
 
 ServeEngine = Callable[..., ServerHandle]

@@ -133,7 +133,8 @@ def classify_vllm_failure(returncode: int | None, log_text: str) -> tuple[Failur
 
     A root cause raised while building the model or its quantized layers (or naming a format/kernel it lacks)
     is CHECKPOINT_NOT_SERVABLE: this vLLM cannot run this checkpoint, re-running will not help. Host trouble
-    (port, memory, files) and anything unexplained is DEPLOYMENT_HEALTH_FAILED.
+    (port, memory, files) and anything unexplained is DEPLOYMENT_HEALTH_FAILED; still starting at the stage
+    timeout is INFRA_TRANSIENT.
     """
     reason, in_loader = root_cause(log_text)
     if reason is not None:
@@ -144,8 +145,8 @@ def classify_vllm_failure(returncode: int | None, log_text: str) -> tuple[Failur
         return FailureClass.DEPLOYMENT_HEALTH_FAILED, f"vLLM failed to start: {reason}"
     last = next((t.strip() for _, _, t in reversed([_strip(ln) for ln in log_text.splitlines()]) if t.strip()),
                 "(empty log)")
-    if returncode is None:
-        return FailureClass.DEPLOYMENT_HEALTH_FAILED, f"vLLM did not become healthy in time; last log line: {last}"
+    if returncode is None:  # still starting at the stage timeout: retried once per session, then SYSTEMIC
+        return FailureClass.INFRA_TRANSIENT, f"vLLM not healthy within the stage timeout; last log line: {last}"
     return FailureClass.DEPLOYMENT_HEALTH_FAILED, f"vLLM exited with code {returncode}; last log line: {last}"
 
 
@@ -271,4 +272,12 @@ def _start(request: ServeRequest) -> ServerHandle:
                              progress=request.progress)
 
 
-ENGINE = ServeEngine("vllm", _start, description="vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server)")
+def _version(config: Any) -> str | None:
+    """vLLM's and torch's versions in the engines' environment: an upgrade re-serves and re-evaluates."""
+    from pytest_day0.stages.engines_env import installed_versions
+
+    return installed_versions(engines_python(getattr(config, "vllm_python", None)), ("vllm", "torch"))
+
+
+ENGINE = ServeEngine("vllm", _start, description="vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server)",
+                     version=_version)

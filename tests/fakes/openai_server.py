@@ -78,6 +78,7 @@ class ServerState:
     faults: Faults = field(default_factory=Faults)
     oracle: Callable[[str], str] = addition_oracle
     requests: list[dict[str, Any]] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["toy"])  # what GET /v1/models lists
     statuses: list[int] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -151,7 +152,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": "toy", "object": "model"}]})
+            models = self.server.state.models
+            self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+        elif self.path == "/health":  # as vLLM answers it
+            self._send(200, b"")
         else:
             self._json(404, {"error": {"message": "not found"}})
 

@@ -1,4 +1,4 @@
-"""The release chain's stages on a remote executor: PTQ as a job, serving as jobs behind SSH tunnels.
+"""The placement ``ssh://`` and ``slurm://``: PTQ as a job, serving as jobs behind SSH tunnels.
 
 Artifacts stay where they were made: the source is uploaded once (content-keyed) unless the user names its
 cluster path, the quantized checkpoint is left in the remote workspace and gated from its safetensors headers
@@ -17,7 +17,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,13 @@ import httpx
 
 from pytest_day0.checkpoint.recipes import Recipe
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.placement import QuantizeJob, ServeJob, ServerRecord
 from pytest_day0.remote import VLLM_SERVE_TEMPLATE, ExecutorSpec, parse_executor, render_template, split_sbatch_args
 from pytest_day0.remote.executor import Executor, JobHandle, JobSpec, JobStatus, LineSink, Tunnel, job_script
 from pytest_day0.remote.jobs import RESULT_PREFIX, watch_job
 from pytest_day0.serving.endpoint import Endpoint
 from pytest_day0.stages.quantize import QuantizeResult
-from pytest_day0.stages.source import CALIBRATION_TEXT
-from pytest_day0.workspace import Workspace, atomic_write_json, digest, file_digest, pid_alive, read_json
+from pytest_day0.workspace import Workspace, atomic_write_json, digest, file_digest, read_json
 
 Progress = Callable[[str], None]
 DONE_MARKER = "day0_ptq.json"  # the same marker the local quantize stage writes last
@@ -72,8 +72,8 @@ def parse_result(lines: list[str]) -> dict[str, Any] | None:
     return None
 
 
-class RemoteStages:
-    """One per ReleaseChain (per process) when ``--day0-executor`` is not local."""
+class RemotePlacement:
+    """One per process when ``--day0-executor`` is ssh:// or slurm:// (implements ``placement.Placement``)."""
 
     def __init__(self, config: Any, session_id: str, ws: Workspace, progress: Progress | None = None,
                  owner_pid: int | None = None) -> None:
@@ -189,10 +189,6 @@ class RemoteStages:
             return []
         for p in self._jobs_dir().glob("*.json"):
             p.unlink(missing_ok=True)
-        for p in sorted((self.ws.root / "servers").glob("*.json")):
-            known_server = read_json(p)
-            if known_server and known_server.get("remote") and known_server.get("session") == self.session_id:
-                p.unlink(missing_ok=True)
         return [r["name"] for r in records]
 
     def close(self) -> None:
@@ -239,25 +235,31 @@ class RemoteStages:
 
     # ------------------------------------------------------------------ quantize
 
-    def checkpoint_path(self, ptq_key: str) -> str:
-        return f"{self.workdir()}/checkpoints/{ptq_key}"
+    def source_checkpoint(self, source: Path, source_key: str) -> str:
+        return self.stage_source(source, source_key)
 
-    def quantize(self, local_source: Path, source_key: str, recipe: Recipe, ptq_key: str, calibration: Path, *,
-                 calib_size: int, timeout_s: float, on_line: LineSink | None, fresh: bool) -> QuantizeResult:
+    def opener(self) -> Callable[[str], Any]:
+        return self.open_source
+
+    def checkpoint_path(self, checkpoint_key: str) -> str:
+        return f"{self.workdir()}/checkpoints/{checkpoint_key}"
+
+    def discard_checkpoint(self, checkpoint_key: str) -> None:
+        self.executor().remove_tree(self.checkpoint_path(checkpoint_key))
+
+    def quantize(self, job: QuantizeJob) -> QuantizeResult:
         """PTQ as a job; the finished checkpoint stays remote. Returns a QuantizeResult with its remote path."""
         ex = self.executor()
-        out = self.checkpoint_path(ptq_key)
-        if fresh:
-            ex.remove_tree(out)
+        recipe, key = job.recipe, job.checkpoint_key
+        out = self.checkpoint_path(key)
         if ex.exists(f"{out}/{DONE_MARKER}"):
-            self.progress(f"[day0] PTQ {recipe.name}: reusing {ex.describe()}:{out}")
             return QuantizeResult(Path(out), f"modelopt@{ex.kind}", recipe.name, 0.0, True, None)
-        source = self.stage_source(local_source, source_key)
-        calib = self.stage_file(calibration, "calibration")
-        staging = f"{self.workdir()}/checkpoints/.{ptq_key}.staging-{self.session_id}"
+        source = self.stage_source(job.source, job.source_key)
+        calib = self.stage_file(job.calibration, "calibration")
+        staging = f"{self.workdir()}/checkpoints/.{key}.staging-{self.session_id}"
         ex.remove_tree(staging)
         values = {"python": self.python(), "model": source, "qformat": recipe.name, "recipe": recipe.name,
-                  "export_path": staging, "calibration": calib, "calib_size": calib_size}
+                  "export_path": staging, "calibration": calib, "calib_size": job.calib_size}
         if self.config.ptq_command:
             command = render_template(self.config.ptq_command, values)
         else:
@@ -267,8 +269,9 @@ class RemoteStages:
         what = f"PTQ {recipe.name}"
         started = time.time()
         handle = self._submit(f"ptq-{recipe.name}", command, "batch")
+        on_line = job.on_line or self._log_sink()
         try:
-            _, tail = watch_job(ex, handle, what=what, stage_class=FailureClass.UNKNOWN, timeout_s=timeout_s,
+            _, tail = watch_job(ex, handle, what=what, stage_class=FailureClass.UNKNOWN, timeout_s=job.timeout_s,
                                 on_line=on_line, on_state=self._state_line(f"{what} job {handle.job_id}"))
         except Day0Error as exc:
             lines = (ex.read_bytes(handle.log_path) or b"").decode(errors="replace").splitlines()
@@ -293,24 +296,6 @@ class RemoteStages:
         ex.rename(staging, out)
         log = self._fetch_log(handle, f"ptq-{recipe.name}")
         return QuantizeResult(Path(out), f"modelopt@{ex.kind}", recipe.name, wall, False, log)
-
-    def quantize_stage(self, chain: Any, recipe: Recipe) -> QuantizeResult:
-        """The chain's quantize stage on this executor (engines modelopt and existing)."""
-        c = self.config
-        if c.quantize == "existing":
-            return self.existing(str(c.checkpoint), recipe)
-        fresh = bool(c.fresh) and not chain._memo.get(f"fresh-ptq-{recipe.name}")
-        chain._memo[f"fresh-ptq-{recipe.name}"] = True
-        chain.ws.event("ptq_run", recipe=recipe.name, session=self.session_id, executor=self.spec.kind)
-
-        return self.quantize(chain.source(), chain.source_key(), recipe, chain.ptq_key(recipe.name),
-                             CALIBRATION_TEXT, calib_size=c.calib_size, timeout_s=c.stage_timeout,
-                             on_line=self._log_sink(), fresh=fresh)
-
-    def side_checkpoint(self, chain: Any, side: str) -> str:
-        if side == "baseline":
-            return self.stage_source(chain.source(), chain.source_key())
-        return str(chain.side_checkpoint(side))
 
     def existing(self, checkpoint: str, recipe: Recipe) -> QuantizeResult:
         ex = self.executor()
@@ -357,17 +342,6 @@ class RemoteStages:
             host = status.node or "localhost"
         return host, ready_port
 
-    def _reap_abandoned(self, side_key: str) -> None:
-        """Cancel serving jobs of this side left by sessions whose owning process is gone (killed runs)."""
-        ex = self.executor()
-        for path in (self.ws.root / "servers").glob(f"{side_key}.*.json"):
-            known = read_json(path)
-            if not known or not known.get("remote") or known.get("session") == self.session_id:
-                continue
-            if not pid_alive(int(known.get("owner", 0))):
-                ex.cancel([JobHandle(str(known["job_id"]), str(known.get("name")), "", ex.kind)])
-                path.unlink(missing_ok=True)
-
     def _tunnel_to(self, side: str, host: str, port: int) -> Tunnel | None:
         """A tunnel to host:port whose /health answers 200, else None (closed)."""
         old = self._tunnels.pop(side, None)
@@ -384,61 +358,59 @@ class RemoteStages:
         self._tunnels[side] = tunnel
         return tunnel
 
-    def endpoint(self, chain: Any, side: str) -> Endpoint:
-        """Serve ``side`` as a job (once per session, any process) and reach it through this process's tunnel."""
+    def serve(self, job: ServeJob) -> ServerRecord:
+        """Serve ``job.side`` as a job and reach it through this process's tunnel."""
         from pytest_day0.stages.serve import classify_server_exit
 
-        side_key = chain.side_key(side)
-        timeout_s = float(self.config.stage_timeout)  # includes the queue wait, which can be long on a cluster
-        registry = self.ws.path("servers", f"{side_key}.{self.session_id}.json")
-        failure = self.ws.path("failures", self.session_id, f"serve-{side}.json")
-        with self.ws.lock(f"serve-{side_key}"):
-            failed = read_json(failure)
-            if failed:
-                raise Day0Error(FailureClass(failed["failure_class"]), failed["message"])
-            known = read_json(registry)
-            if known and known.get("remote") and known.get("session") == self.session_id:
-                tunnel = self._tunnel_to(side, known["host"], int(known["port"]))
-                if tunnel is not None:
-                    return Endpoint(url=tunnel.url, model=known["model"])
-            ex = self.executor()
-            self._reap_abandoned(side_key)
-            ckpt = self.side_checkpoint(chain, side)
-            ready_file = f"{self.workdir()}/servers/{job_name(self.session_id, side)}.ready.json"
-            ex.makedirs(f"{self.workdir()}/servers")
-            ex.remove_tree(ready_file)  # a retry's stale one would point at a dead server
-            command, port = self._serve_command(ckpt, side, ready_file)
-            self.ws.event("server_start", side=side, session=self.session_id, executor=ex.kind)
-            handle = self._submit(f"serve-{side}", command, "service")
-            target: list[tuple[str, int]] = []
+        ex = self.executor()
+        side = job.side
+        ready_file = f"{self.workdir()}/servers/{job_name(self.session_id, side)}.ready.json"
+        ex.makedirs(f"{self.workdir()}/servers")
+        ex.remove_tree(ready_file)  # a retry's stale one would point at a dead server
+        command, port = self._serve_command(job.checkpoint, side, ready_file)
+        handle = self._submit(f"serve-{side}", command, "service")
+        target: list[tuple[str, int]] = []
 
-            def ready(status: JobStatus) -> bool:
-                where = self._ready_target(status, ready_file, port)
-                if where is None or self._tunnel_to(side, *where) is None:
-                    return False
-                target.append(where)
-                return True
+        def ready(status: JobStatus) -> bool:
+            where = self._ready_target(status, ready_file, port)
+            if where is None or self._tunnel_to(side, *where) is None:
+                return False
+            target.append(where)
+            return True
 
-            what = f"serve {side}"
-            try:
-                watch_job(ex, handle, what=what, stage_class=FailureClass.DEPLOYMENT_HEALTH_FAILED,
-                          timeout_s=timeout_s, ready=ready, on_line=self._log_sink(),
-                          on_state=self._state_line(f"{what} job {handle.job_id}"))
-            except Day0Error as exc:
-                log_text = (ex.read_bytes(handle.log_path) or b"").decode(errors="replace")
-                if exc.failure_class is FailureClass.DEPLOYMENT_HEALTH_FAILED:
-                    cls, reason = classify_server_exit(1, log_text)
-                    exc = Day0Error(cls, f"{what} (job {handle.job_id}): {reason}")
-                self._fetch_log(handle, f"serve-{side}")
-                if exc.failure_class is not FailureClass.INFRA_TRANSIENT:
-                    atomic_write_json(failure, {"failure_class": exc.failure_class, "message": exc.message})
-                raise exc from None
-            host, ready_port = target[-1]
-            tunnel = self._tunnels[side]
-            atomic_write_json(registry, {"remote": True, "executor": ex.describe(), "job_id": handle.job_id,
-                                         "name": handle.name, "host": host, "port": ready_port, "model": side,
-                                         "url": tunnel.url, "session": self.session_id, "side": side,
-                                         "owner": self.owner_pid,
-                                         "log": handle.log_path})
-            self.progress(f"[day0]   {side}: {host}:{ready_port} on {ex.describe()} -> {tunnel.url} (SSH tunnel)")
-            return Endpoint(url=tunnel.url, model=side)
+        what = f"serve {side}"
+        try:  # the timeout includes the queue wait, which can be long on a cluster
+            watch_job(ex, handle, what=what, stage_class=FailureClass.DEPLOYMENT_HEALTH_FAILED,
+                      timeout_s=job.timeout_s, ready=ready, on_line=self._log_sink(),
+                      on_state=self._state_line(f"{what} job {handle.job_id}"))
+        except Day0Error as exc:
+            log_text = (ex.read_bytes(handle.log_path) or b"").decode(errors="replace")
+            if exc.failure_class is FailureClass.DEPLOYMENT_HEALTH_FAILED:
+                cls, reason = classify_server_exit(1, log_text)
+                exc = Day0Error(cls, f"{what} (job {handle.job_id}): {reason}")
+            self._fetch_log(handle, f"serve-{side}")
+            raise exc from None
+        host, ready_port = target[-1]
+        tunnel = self._tunnels[side]
+        self.progress(f"[day0]   {side}: {host}:{ready_port} on {ex.describe()} -> {tunnel.url} (SSH tunnel)")
+        return ServerRecord(side=side, session=self.session_id, owner=self.owner_pid, url=tunnel.url, model=side,
+                            remote=True, executor=ex.describe(), job_id=handle.job_id, name=handle.name, host=host,
+                            port=ready_port, log=handle.log_path)
+
+    def reach(self, record: ServerRecord) -> Endpoint | None:
+        """This process's own tunnel to a serving job (opened now if another process started the job)."""
+        if not record.remote or record.host is None or record.port is None:
+            return None
+        tunnel = self._tunnel_to(record.side, record.host, int(record.port))
+        return Endpoint(url=tunnel.url, model=record.model) if tunnel is not None else None
+
+    def stop(self, records: Sequence[ServerRecord]) -> None:
+        """Cancel these serving jobs (a session's, or one a killed session left behind)."""
+        handles = [JobHandle(str(r.job_id), str(r.name), r.log or "", self.executor().kind)
+                   for r in records if r.remote and r.job_id]
+        for r in records:
+            tunnel = self._tunnels.pop(r.side, None)
+            if tunnel is not None and r.session == self.session_id:
+                tunnel.close()
+        if handles:
+            self.executor().cancel(handles)
