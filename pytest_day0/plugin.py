@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_day0.config import OPTIONS, RunConfig, build_config
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
-from pytest_day0.gates.outcome import GateOutcome, breach_status
+from pytest_day0.options import OPTIONS
 from pytest_day0.release.state import (
     CONFIG_KEY,
     IDENTITY_KEY,
@@ -26,6 +25,10 @@ from pytest_day0.release.state import (
     GateIdentity,
     SessionState,
 )
+
+if TYPE_CHECKING:  # imported where used: a session that does not use the plugin never loads pydantic for it
+    from pytest_day0.config import RunConfig
+    from pytest_day0.gates.outcome import GateOutcome
 
 SUITE_PATH = Path(__file__).resolve().parent / "release" / "suite.py"
 SUITE_NODEID = "day0"
@@ -73,16 +76,75 @@ def _ini_value(config: pytest.Config, key: str) -> Any:
         return None
 
 
+def _asked_for(config: pytest.Config) -> bool:
+    """Is the plugin used in this session: a model to release, or any day0 flag on the command line (which must
+    then be valid)? Day0 ini keys or environment variables alone leave other sessions of a project alone."""
+    cli = _cli_values(config)
+    if any(v not in (None, False) for v in cli.values()):
+        return True
+    return bool(os.environ.get("DAY0_MODEL") or _ini_value(config, "day0_model"))
+
+
+def _split_values(args: list[str]) -> list[tuple[str, str]]:
+    """Day0 options given as two words (``--day0-model /path``): (flag, value) pairs."""
+    flags = {o.flag for o in OPTIONS if o.kind != "bool"}
+    return [(a, args[i + 1]) for i, a in enumerate(args[:-1]) if a in flags]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """pytest picks its rootdir and configfile before any plugin's options exist, so the value of
+    ``--day0-model /path`` is taken for a test path and can move both into the model's tree (and apply another
+    project's addopts). We cannot steer pytest there; we can see it happened and stop with the fix, in one line."""
+    split = _split_values(args)
+    if not split:
+        return
+    try:
+        from _pytest.config.findpaths import determine_setup  # pytest's own rule, so the comparison is exact
+    except ImportError:  # pragma: no cover - a pytest that moved it: no check rather than a wrong one
+        return
+    ns = parser.parse_known_args(args)  # now with our options known: their values are no test paths
+    try:
+        rootpath, inipath, *_ = determine_setup(inifile=ns.inifilename, override_ini=ns.override_ini,
+                                                args=ns.file_or_dir, rootdir_cmd_arg=ns.rootdir or None,
+                                                invocation_dir=early_config.invocation_params.dir)
+    except Exception:  # pytest will report its own configuration problems
+        return
+    if (rootpath, inipath) == (early_config.rootpath, early_config.inipath):
+        return
+    invocation = early_config.invocation_params.dir
+    flag, value = next(((f, v) for f, v in split if (invocation / v).expanduser().exists()), split[0])
+    took = f"rootdir {early_config.rootpath}" + (f" and configfile {early_config.inipath}"
+                                                 if early_config.inipath != inipath else "")
+    raise pytest.UsageError(
+        f"[{FailureClass.USER_CONFIG_ERROR}] pytest read '{flag} {value}' before pytest-day0 could claim it and took "
+        f"{value} for a test path, which made {took}: write {flag}={value} (one word), as with every "
+        "path-valued day0 option")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "day0_gate(name): a pytest-day0 release gate")
+    if not _asked_for(config):
+        return  # inert: nothing imported, nothing registered
+    from pytest_day0.config import build_config
+
     try:
-        run = build_config(_cli_values(config), lambda k: _ini_value(config, k), rootdir=config.rootpath)
+        run = build_config(_cli_values(config), lambda k: _ini_value(config, k),
+                           rootdir=config.invocation_params.dir)
     except Day0Error as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[CONFIG_KEY] = run
     if not run.enabled:
         return
+    if run.quantize != "none":  # the model is a label only for lm-eval folders / external endpoints
+        from pytest_day0.stages.source import resolve_model
+
+        assert run.model is not None
+        try:
+            resolve_model(run.model)
+        except Day0Error as exc:
+            raise pytest.UsageError(str(exc)) from None
     from pytest_day0.scoring.tasks import load_task
 
     try:
@@ -263,24 +325,40 @@ def _or_skip(fn: Any) -> Any:
 # ---------------------------------------------------------------------- progress
 
 
+def _progress_path(state: SessionState) -> Path:
+    return state.config.workdir / "runs" / state.session_id / "progress.log"
+
+
 def _progress_writer(config: pytest.Config) -> Any:
-    """Stage lines reach the terminal even while output capture is on (-q: only ends of stages)."""
+    """Stage lines reach the terminal even while output capture is on (-q: only ends of stages). An xdist worker
+    has no terminal: it appends its lines to the session's progress log, which the controller prints as they come."""
     verbosity = config.get_verbosity()
+    state = config.stash[STATE_KEY]
 
     def write(line: str) -> None:
         if verbosity < -1 or (verbosity < 0 and not (" done in " in line or " failed " in line)):
             return
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        capture = config.pluginmanager.get_plugin("capturemanager")
-        if reporter is None or hasattr(config, "workerinput"):
+        if not state.controller:
+            path = _progress_path(state)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as fh:  # one write per line: O_APPEND keeps lines whole
+                fh.write(line.replace("\n", " ") + "\n")
             return
-        if capture is not None:
-            with capture.global_and_fixture_disabled():
-                _own_line(reporter, line)
-        else:
-            _own_line(reporter, line)
+        _terminal_line(config, line)
 
     return write
+
+
+def _terminal_line(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            _own_line(reporter, line)
+    else:
+        _own_line(reporter, line)
 
 
 def _own_line(reporter: Any, line: str) -> None:
@@ -298,6 +376,7 @@ def _own_line(reporter: Any, line: str) -> None:
 def _outcome_of(item: pytest.Item, identity: GateIdentity, call: pytest.CallInfo[None],
                 warn_as_error: bool) -> GateOutcome:
     """The gate's typed outcome: the one its test attached, else the one its exception carries."""
+    from pytest_day0.gates.outcome import GateOutcome, breach_status
     from pytest_day0.release.suite import UpstreamSkip
 
     attached = item.stash.get(OUTCOME_KEY, None)
@@ -388,12 +467,54 @@ def pytest_json_runtest_metadata(item: pytest.Item, call: pytest.CallInfo[None])
     return {"day0": {k: v for k, v in item.user_properties if k != OUTCOME_PROPERTY}}
 
 
+class _ProgressRelay:
+    """On the xdist controller: prints the lines workers append to the session's progress log, as they come."""
+
+    def __init__(self, config: pytest.Config, path: Path) -> None:
+        import threading
+
+        self.config = config
+        self.path = path
+        self.offset = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="day0-progress", daemon=True)
+
+    def _pump(self) -> None:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next round
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", errors="replace").splitlines():
+            _terminal_line(self.config, line)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self._pump()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self._pump()
+
+
 class Day0Session:
     """The hooks of one release session (registered per session in ``pytest_configure``)."""
 
     def __init__(self, config: pytest.Config, state: SessionState) -> None:
         self.config = config
         self.state = state
+        self.relay: _ProgressRelay | None = None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        uses_workers = getattr(self.config.option, "numprocesses", None) not in (None, 0) and \
+            self.config.pluginmanager.has_plugin("xdist")
+        if self.state.controller and uses_workers and not self.config.option.collectonly:
+            self.relay = _ProgressRelay(self.config, _progress_path(self.state))
+            self.relay.thread.start()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """On the controller: each gate test's final report carries its typed outcome; read it back once."""
@@ -401,6 +522,8 @@ class Day0Session:
             return
         raw = next((v for k, v in reversed(report.user_properties) if k == OUTCOME_PROPERTY), None)
         if isinstance(raw, str):
+            from pytest_day0.gates.outcome import GateOutcome
+
             self.state.outcomes.append(GateOutcome.model_validate_json(raw))
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -414,6 +537,8 @@ class Day0Session:
         from pytest_day0.release.chain import ReleaseChain
         from pytest_day0.report import session_report
 
+        if self.relay is not None:
+            self.relay.close()
         state = self.state
         chain = state.chain or ReleaseChain(state.config, state.session_id)
         state.stopped_servers = chain.stop_servers()

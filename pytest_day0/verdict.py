@@ -126,6 +126,12 @@ def _counts(o: GateOutcome) -> bool:
     return o.status == "skipped" and (o.failure_class is not None or o.gate in COMPARISON_GATES)
 
 
+def _cause(message: str) -> str:
+    """What a downstream skip is about: the upstream failure's own message ('upstream PTQ x failed: <cause>')."""
+    head, sep, rest = message.partition(" failed: ")
+    return rest if sep and head.startswith("upstream ") else message
+
+
 def _size_text(size_ratio: float | None, source_label: str) -> str:
     return f" ({size_ratio:.2f}× of {source_label} size)" if size_ratio is not None else ""
 
@@ -142,18 +148,26 @@ def decide(
     inconclusive: list[str] = []
     needed: list[int] = []
     first: dict[ReleaseDecision, GateOutcome] = {}
+    seen_causes: set[tuple[FailureClass | None, str]] = set()
+    downstream: dict[FailureClass | None, int] = {}
     for o in mine:
         if not _counts(o):
             continue
         cls = o.failure_class
-        if cls is None:  # only a classless skipped comparison gate gets here
-            d: ReleaseDecision = "ANOMALOUS"
+        cause = _cause(o.message)
+        if o.status == "skipped" and (cls, cause) in seen_causes:
+            downstream[cls] = downstream.get(cls, 0) + 1  # said once already: counted, not repeated
+        elif cls is None:  # only a classless skipped comparison gate gets here
             reasons.append(f"[{FailureClass.INCONCLUSIVE}] {_label(o)} skipped: {o.message or 'no reason recorded'}")
+        else:
+            verb = {"failed": "failed", "warned": "warned", "skipped": "skipped"}[o.status]
+            reasons.append(f"[{cls}] {_label(o)} {verb}: {o.message}".rstrip(": "))
+        seen_causes.add((cls, cause))
+        if cls is None:
+            d: ReleaseDecision = "ANOMALOUS"
             classes.add(FailureClass.INCONCLUSIVE)
         else:
             d = CLASS_DECISION.get(cls, "ANOMALOUS")
-            verb = {"failed": "failed", "warned": "warned", "skipped": "skipped"}[o.status]
-            reasons.append(f"[{cls}] {_label(o)} {verb}: {o.message}".rstrip(": "))
             classes.add(cls)
             if cls in _TASK_REGRESSIONS and o.task and o.task not in regressed:
                 regressed.append(o.task)
@@ -166,6 +180,9 @@ def decide(
         first.setdefault(d, o)
         if _RANK[d] > _RANK[decision]:
             decision = d
+    for cls, n in downstream.items():
+        reasons.append(f"[{cls or FailureClass.INCONCLUSIVE}] {n} more gate{'s' if n > 1 else ''} downstream "
+                       "skipped for the same reason")
     if decision == "ACCEPT" and not any(o.gate in COMPARISON_GATES and o.status == "passed" for o in mine):
         decision = "ANOMALOUS"
         reasons.append(f"[{FailureClass.INCONCLUSIVE}] no task comparison passed or ran: nothing shows the quality")

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from pytest_day0.config import OPTIONS, RunConfig, build_config
+from pytest_day0.config import RunConfig, build_config
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.options import OPTIONS
 
 
 def _ini(values: dict[str, Any]) -> Any:

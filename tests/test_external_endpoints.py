@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 from fakes.openai_server import ToyOpenAIServer
@@ -36,9 +35,9 @@ def _session(pytester: pytest.Pytester, url: str, *extra: str) -> tuple[pytest.R
     ws = pytester.path / "ws"
     junit = pytester.path / "day0.xml"
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--day0-model", "org/base", "--recipe", "fp8", "--day0-quantize", "none",
-        "--day0-serve", "external", "--day0-baseline-url", url, "--day0-candidate-url", url,
-        "--day0-tasks", "gsm_like", "--day0-limit", "5", f"--day0-workdir={ws}", f"--junitxml={junit}", *extra)
+        "-p", "no:cacheprovider", "--day0-model=org/base", "--recipe", "fp8", "--day0-quantize=none",
+        "--day0-serve=external", f"--day0-baseline-url={url}", f"--day0-candidate-url={url}",
+        "--day0-tasks=gsm_like", "--day0-limit=5", f"--day0-workdir={ws}", f"--junitxml={junit}", *extra)
     cases = {tc.get("name", ""): {p.get("name", ""): p.get("value", "") for p in tc.iter("property")}
              for tc in ET.parse(junit).getroot().iter("testcase")}
     return result, cases
@@ -60,8 +59,8 @@ def test_the_release_refuses_to_guess_which_model(pytester: pytest.Pytester) -> 
 def test_named_models_are_the_ones_asked_for(pytester: pytest.Pytester) -> None:
     with ToyOpenAIServer() as server:
         server.state.models = ["org/base", "org/base-fp8"]
-        result, cases = _session(pytester, server.url, "--day0-baseline-model", "org/base",
-                                 "--day0-candidate-model", "org/base-fp8")
+        result, cases = _session(pytester, server.url, "--day0-baseline-model=org/base",
+                                 "--day0-candidate-model=org/base-fp8")
         setup = cases["test_setup"]
         assert setup["day0_status"] == "passed", result.stdout.str()[-2000:]
         assert (setup["baseline_model"], setup["fp8_model"]) == ("org/base", "org/base-fp8")
@@ -70,7 +69,7 @@ def test_named_models_are_the_ones_asked_for(pytester: pytest.Pytester) -> None:
 
 
 def test_model_names_without_external_serving_are_refused(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--day0-model", "demo", "--day0-baseline-model", "x")
+    result = pytester.runpytest_subprocess("--day0-model=demo", "--day0-baseline-model=x")
     assert result.ret == 4
     assert "ERROR: [USER_CONFIG_ERROR] --day0-baseline-model/--day0-candidate-model name the models of external " \
            "endpoints: add --day0-serve external" in result.stderr.str()

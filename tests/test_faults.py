@@ -187,12 +187,12 @@ def test_server_lost_twice_ends_infra_transient_and_a_rerun_rescores_no_finished
 
 STAGES: dict[str, tuple[str, list[str], Callable[[Path], object]]] = {
     # stage: (pytest -k selection, extra options, how to see that the stage is underway)
-    "quantize": ("test_ptq and not size and not coverage and not metadata", ["--day0-limit", "5"],
+    "quantize": ("test_ptq and not size and not coverage and not metadata", ["--day0-limit=5"],
                  lambda ws: pids_mentioning("pytest_day0.stages.quantize", str(ws)) and _calibrating(ws)),
-    "serve": ("test_deploy and baseline", ["--day0-limit", "5"],
+    "serve": ("test_deploy and baseline", ["--day0-limit=5"],
               lambda ws: pids_mentioning(SERVER, str(ws))),
-    "evaluate": ("test_eval_complete and baseline", ["--day0-limit", "300", "--day0-tasks", "arc_like",
-                                                     "--day0-concurrency", "2"],
+    "evaluate": ("test_eval_complete and baseline", ["--day0-limit=300", "--day0-tasks=arc_like",
+                                                     "--day0-concurrency=2"],
                  lambda ws: events(ws, "eval_run")),
 }
 
@@ -256,9 +256,9 @@ def test_sigint_during_a_slurm_ptq_job_cancels_it(tmp_path: Path) -> None:
     cluster = cluster_or_skip()
     remote_wd = cluster.workdir()
     ws = tmp_path / "ws"
-    args = ["--day0-model", "demo", "--recipe", "fp8", "--day0-limit", "5", "--day0-workdir", str(ws),
-            "--day0-executor", cluster.url(), "--day0-ssh-key", str(cluster.key),
-            "--day0-known-hosts", str(cluster.known_hosts), "--day0-remote-workdir", remote_wd,
+    args = ["--day0-model=demo", "--recipe", "fp8", "--day0-limit=5", f"--day0-workdir={ws}",
+            f"--day0-executor={cluster.url()}", f"--day0-ssh-key={cluster.key}",
+            f"--day0-known-hosts={cluster.known_hosts}", f"--day0-remote-workdir={remote_wd}",
             "-p", "no:cacheprovider", "-k", "test_ptq and not size and not coverage and not metadata"]
     try:
         with cluster.exclusive():

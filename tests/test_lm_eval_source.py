@@ -233,9 +233,9 @@ def test_bad_folders_are_one_line_user_config_errors(tmp_path: Path) -> None:
 def _session(pytester: pytest.Pytester, base: Path, cand: Path, *extra: str) -> tuple[Any, dict[str, Any]]:
     ws = pytester.path / "ws"
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--day0-model", "org/Model-8B", "--recipe", "fp8",
-        "--day0-lm-eval-baseline", str(base), "--day0-lm-eval-candidate", str(cand),
-        "--day0-workdir", str(ws), f"--junitxml={pytester.path / 'day0.xml'}", *extra)
+        "-p", "no:cacheprovider", "--day0-model=org/Model-8B", "--recipe", "fp8",
+        f"--day0-lm-eval-baseline={base}", f"--day0-lm-eval-candidate={cand}",
+        f"--day0-workdir={ws}", f"--junitxml={pytester.path / 'day0.xml'}", *extra)
     return result, json.loads((ws / "verdict.json").read_text())
 
 
@@ -268,7 +268,7 @@ def test_lm_eval_folders_gate_to_a_verdict(pytester: pytest.Pytester, tmp_path: 
 
 def test_lm_eval_with_few_samples_is_inconclusive(pytester: pytest.Pytester, tmp_path: Path) -> None:
     base, cand = sides(tmp_path, gsm_lost=2)
-    result, verdict = _session(pytester, base, cand, "--day0-limit", "20")
+    result, verdict = _session(pytester, base, cand, "--day0-limit=20")
     v = verdict["session"]["verdicts"][0]
     assert v["decision"] == "INCONCLUSIVE", result.stdout.str()
     assert v["recommendation"].startswith("fp8 is not decided yet: evaluate more samples: ")
@@ -278,7 +278,7 @@ def test_lm_eval_with_few_samples_is_inconclusive(pytester: pytest.Pytester, tmp
 
 def test_point_rule_reproduces_the_skill(pytester: pytest.Pytester, tmp_path: Path) -> None:
     base, cand = sides(tmp_path, gsm_lost=2)
-    _, verdict = _session(pytester, base, cand, "--day0-limit", "20", "--day0-stat", "point")
+    _, verdict = _session(pytester, base, cand, "--day0-limit=20", "--day0-stat=point")
     gsm = next(c for c in verdict["comparisons"] if c["task"] == "gsm8k")
     assert gsm["stat"] == "point" and gsm["ci_low"] is None and gsm["test"] == "point estimate"
     # 2 of 20 lost is a 10-point drop: the point rule calls it a REGRESSION (and the floor sits exactly at it)
@@ -290,7 +290,7 @@ def test_published_baseline_mismatch_blocks_accept(pytester: pytest.Pytester, tm
     published = tmp_path / "published.yaml"
     published.write_text("arc_easy: {score: 92.0, scale: [0, 100], source: model card}\n"
                          "gsm8k: {score: 0.667, scale: 1}\n")
-    result, verdict = _session(pytester, base, cand, "--day0-published", str(published))
+    result, verdict = _session(pytester, base, cand, f"--day0-published={published}")
     v = verdict["session"]["verdicts"][0]
     assert v["decision"] == "ANOMALOUS" and "EXTERNAL_BASELINE_MISMATCH" in v["failure_classes"]
     assert result.ret == 1  # hard tier
@@ -324,10 +324,10 @@ def test_a_5_shot_baseline_is_never_compared_with_a_0_shot_candidate(pytester: p
 
 
 def test_bad_lm_eval_options_stop_the_session_in_one_line(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    result = pytester.runpytest_subprocess("--day0-model", "x", "--day0-lm-eval-baseline", str(tmp_path / "nope"),
-                                           "--day0-lm-eval-candidate", str(tmp_path))
+    result = pytester.runpytest_subprocess("--day0-model=x", f"--day0-lm-eval-baseline={tmp_path / 'nope'}",
+                                           f"--day0-lm-eval-candidate={tmp_path}")
     assert result.ret == 4
     assert "[USER_CONFIG_ERROR] lm-eval folder" in result.stderr.str()
-    result = pytester.runpytest_subprocess("--day0-model", "x", "--day0-eval", "lm-eval",
-                                           "--day0-lm-eval-baseline", str(tmp_path))
+    result = pytester.runpytest_subprocess("--day0-model=x", "--day0-eval=lm-eval",
+                                           f"--day0-lm-eval-baseline={tmp_path}")
     assert result.ret == 4 and "needs --day0-lm-eval-baseline and --day0-lm-eval-candidate" in result.stderr.str()

@@ -30,8 +30,8 @@ def pytest_day0_report(session_verdict, comparisons, outcomes, run_dir, config):
 
 
 def _args(base: Path, cand: Path, ws: Path) -> list[str]:
-    return ["-p", "no:cacheprovider", "--day0-model", "org/Model-8B", "--recipe", "fp8",
-            "--day0-lm-eval-baseline", str(base), "--day0-lm-eval-candidate", str(cand), "--day0-workdir", str(ws)]
+    return ["-p", "no:cacheprovider", "--day0-model=org/Model-8B", "--recipe", "fp8",
+            f"--day0-lm-eval-baseline={base}", f"--day0-lm-eval-candidate={cand}", f"--day0-workdir={ws}"]
 
 
 def test_other_plugins_annotate_the_verdict_and_add_a_report(pytester: pytest.Pytester, tmp_path: Path) -> None:

@@ -27,8 +27,8 @@ INFEASIBLE_BOUND_S = 240  # ModelOpt PTQ (~10 s) + vLLM failing to load the chec
 def _release(cwd: Path, workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float, dict[str, Any]]:
     # 20 samples a task keep it bounded; at n=20 the paired interval cannot decide a 1-point threshold
     # (INCONCLUSIVE, by design), so the point rule decides here. The README command runs every sample.
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--day0-model", "demo", "--day0-limit",
-           "20", "--day0-stat", "point", "--day0-calib-size", "16", "--day0-workdir", str(workdir), *args]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--day0-model=demo", "--day0-limit",
+           "20", "--day0-stat=point", "--day0-calib-size=16", f"--day0-workdir={workdir}", *args]
     started = time.monotonic()
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=RELEASE_TIMEOUT_S, check=False)
     verdict = json.loads((workdir / "verdict.json").read_text())
@@ -39,8 +39,8 @@ def test_real_engine_release_on_cpu(tmp_path: Path, record_property: Any) -> Non
     python, _ = ensure_engines()
     ws = tmp_path / "ws"
 
-    done, wall, verdict = _release(tmp_path, ws, "--day0-quantize", "llmcompressor", "--recipe", "w8a8",
-                                   "--day0-serve", "vllm", "--day0-vllm-python", python)
+    done, wall, verdict = _release(tmp_path, ws, "--day0-quantize=llmcompressor", "--recipe", "w8a8",
+                                   "--day0-serve=vllm", f"--day0-vllm-python={python}")
     out = done.stdout + done.stderr
     record_property("w8a8_release_s", round(wall, 1))
     (only,) = verdict["session"]["verdicts"]
@@ -56,8 +56,8 @@ def test_real_engine_release_on_cpu(tmp_path: Path, record_property: Any) -> Non
     served = [json.loads(line) for line in (ws / "events.jsonl").read_text().splitlines()]
     assert {e["side"] for e in served if e.get("event") == "server_start"} >= {"baseline", "w8a8"}
 
-    done, wall, verdict = _release(tmp_path, ws, "--recipe", "fp8", "--day0-serve", "vllm",
-                                   "--day0-vllm-python", python)
+    done, wall, verdict = _release(tmp_path, ws, "--recipe", "fp8", "--day0-serve=vllm",
+                                   f"--day0-vllm-python={python}")
     out = done.stdout + done.stderr
     record_property("fp8_infeasible_s", round(wall, 1))
     (only,) = verdict["session"]["verdicts"]

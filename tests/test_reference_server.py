@@ -360,4 +360,4 @@ def test_classify_server_exit() -> None:
     assert classify_server_exit(3, log)[0] is FailureClass.CHECKPOINT_NOT_SERVABLE
     cls, reason = classify_server_exit(1, "Traceback\nMemoryError\n")
     assert cls is FailureClass.DEPLOYMENT_HEALTH_FAILED and "MemoryError" in reason and "code 1" in reason
-    assert classify_server_exit(None, "")[0] is FailureClass.DEPLOYMENT_HEALTH_FAILED
+    assert classify_server_exit(None, "")[0] is FailureClass.INFRA_TRANSIENT  # still starting at the deadline

@@ -43,9 +43,9 @@ def remote_wd(cluster: LoopbackCluster) -> Iterator[str]:
 
 
 def _args(cluster: LoopbackCluster, ws: Path, remote_wd: str, *extra: str, limit: int = 20) -> list[str]:
-    return ["--day0-model", "demo", "--recipe", "fp8", "--day0-limit", str(limit), "--day0-workdir", str(ws),
-            "--day0-executor", cluster.url(), "--day0-ssh-key", str(cluster.key),
-            "--day0-known-hosts", str(cluster.known_hosts), "--day0-remote-workdir", remote_wd,
+    return ["--day0-model=demo", "--recipe", "fp8", f"--day0-limit={limit}", f"--day0-workdir={ws}",
+            f"--day0-executor={cluster.url()}", f"--day0-ssh-key={cluster.key}",
+            f"--day0-known-hosts={cluster.known_hosts}", f"--day0-remote-workdir={remote_wd}",
             "-p", "no:cacheprovider", *extra]
 
 
@@ -77,7 +77,7 @@ def test_release_over_slurm_accepts_and_leaves_nothing_running(
     ws = tmp_path / "ws"
     with cluster.exclusive():
         # 20 samples keep it quick; at n=20 the paired interval cannot decide, the point rule can
-        result = pytester.runpytest_subprocess(*_args(cluster, ws, remote_wd, "--day0-stat", "point"), timeout=480)
+        result = pytester.runpytest_subprocess(*_args(cluster, ws, remote_wd, "--day0-stat=point"), timeout=480)
         jobs, procs = _settled(cluster, remote_wd)
     out = result.outlines
     assert result.ret == 0, "\n".join(out[-40:])
@@ -142,8 +142,8 @@ def test_wrong_host_key_is_one_systemic_line(cluster: LoopbackCluster, pytester:
     known = tmp_path / "known_hosts"
     known.write_text(f"[{cluster.host}]:{cluster.port} {' '.join(impostor)}\n")
     ws = tmp_path / "ws"
-    args = _args(cluster, ws, remote_wd)
-    args[args.index("--day0-known-hosts") + 1] = str(known)
+    args = [a for a in _args(cluster, ws, remote_wd) if not a.startswith("--day0-known-hosts=")]
+    args.append(f"--day0-known-hosts={known}")
     result = pytester.runpytest_subprocess(*args, timeout=120)
     out = result.outlines
     text = "\n".join(out)
@@ -164,7 +164,7 @@ def test_failing_ptq_job_is_one_line_with_its_class(cluster: LoopbackCluster, py
     ws = tmp_path / "ws"
     failing = "echo loading {model}; echo 'torch.OutOfMemoryError: CUDA out of memory' >&2; exit 1"
     with cluster.exclusive():
-        result = pytester.runpytest_subprocess(*_args(cluster, ws, remote_wd, "--day0-ptq-command", failing),
+        result = pytester.runpytest_subprocess(*_args(cluster, ws, remote_wd, f"--day0-ptq-command={failing}"),
                                                timeout=180)
         jobs, procs = _settled(cluster, remote_wd)
     text = "\n".join(result.outlines)

@@ -174,8 +174,8 @@ class Session:
 def run_session(out_dir: Path, *args: str, env: dict[str, str], timeout: float = 420) -> Session:
     """``python -m pytest --day0-model demo ...`` as a CI job runs it, every report switched on."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "pytest", "--day0-model", "demo", "--recipe", "fp8",
-            "--day0-workdir", str(out_dir / "ws"), "--junitxml", str(out_dir / "junit.xml"),
+    argv = [sys.executable, "-m", "pytest", "--day0-model=demo", "--recipe", "fp8",
+            f"--day0-workdir={out_dir / 'ws'}", "--junitxml", str(out_dir / "junit.xml"),
             "--json-report", "--json-report-file", str(out_dir / "report.json"), "-v", "-p", "no:cacheprovider",
             *args]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DAY0_", "PYTEST_", "GITHUB_"))}
@@ -198,7 +198,7 @@ def canaries() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_local_release_writes_no_secret_anywhere(tmp_path: Path, canaries: dict[str, str]) -> None:
-    session = run_session(tmp_path / "run", "--day0-limit", "6", "--day0-api-key", canaries["api_key"],
+    session = run_session(tmp_path / "run", "--day0-limit=6", "--day0-api-key", canaries["api_key"],
                           env={"HF_TOKEN": canaries["HF_TOKEN"], "DAY0_SSH_KEY_PASSPHRASE": canaries["passphrase"]})
     assert session.rc == 0, session.stdout[-3000:] + session.stderr[-2000:]
     assert "VERDICT fp8" in session.stdout
@@ -276,8 +276,8 @@ def test_external_endpoint_key_is_sent_but_never_written_and_a_rejected_key_is_n
     secrets = {**canaries, "wrong_key": wrong}
     with start_reference_server(DEMO, "demo", tmp_path / "server") as server, \
             AuthProxy(server.url, canaries["api_key"]) as base, AuthProxy(server.url, canaries["api_key"]) as cand:
-        external = ("--day0-quantize", "none", "--day0-serve", "external", "--day0-baseline-url", base.url,
-                    "--day0-candidate-url", cand.url, "--day0-limit", "6")
+        external = ("--day0-quantize=none", "--day0-serve=external", f"--day0-baseline-url={base.url}",
+                    f"--day0-candidate-url={cand.url}", "--day0-limit=6")
         good = run_session(tmp_path / "good", *external,
                            env={"HF_TOKEN": canaries["HF_TOKEN"], "DAY0_API_KEY": canaries["api_key"],
                                 "DAY0_SSH_KEY_PASSPHRASE": canaries["passphrase"]})
@@ -285,7 +285,8 @@ def test_external_endpoint_key_is_sent_but_never_written_and_a_rejected_key_is_n
         assert good.rc == 0, good.stdout[-3000:] + good.stderr[-2000:]
         assert len(accepted) >= 20 and all(s == 200 for _, s in base.seen + cand.seen), "the key was not used"
         before = len(base.seen)
-        bad = run_session(tmp_path / "bad", *external, "--day0-api-key", wrong, env={"HF_TOKEN": canaries["HF_TOKEN"]})
+        bad = run_session(tmp_path / "bad", *external, f"--day0-api-key={wrong}",
+                          env={"HF_TOKEN": canaries["HF_TOKEN"]})
         assert bad.rc != 0
         assert ("Bearer " + wrong, 401) in base.seen[before:] + cand.seen, "the wrong key never reached the endpoint"
         assert re.search(r"\[(SYSTEMIC|USER_CONFIG_ERROR)\].*refused", bad.stdout + bad.stderr), bad.stdout[-3000:]
@@ -308,8 +309,8 @@ def test_endpoint_urls_carrying_credentials_are_refused_without_echo(canaries: d
 def test_a_malformed_endpoint_url_is_one_line_even_with_showlocals(tmp_path: Path, canaries: dict[str, str]) -> None:
     """A port that is no number used to escape as a raw httpx traceback; with ``-l`` its frames' locals printed
     the Authorization header. Now config refuses it in one line before any request is built."""
-    session = run_session(tmp_path, "--day0-quantize", "none", "--day0-serve", "external", "--day0-baseline-url",
-                          "http://127.0.0.1:notaport", "--day0-candidate-url", "http://127.0.0.1:1", "-l",
+    session = run_session(tmp_path, "--day0-quantize=none", "--day0-serve=external", "--day0-baseline-url",
+                          "http://127.0.0.1:notaport", "--day0-candidate-url=http://127.0.0.1:1", "-l",
                           "--tb=long", env={"DAY0_API_KEY": canaries["api_key"], "HF_TOKEN": canaries["HF_TOKEN"]},
                           timeout=120)
     assert session.rc != 0 and "Traceback" not in session.stdout + session.stderr
@@ -379,10 +380,10 @@ def remote_wd(cluster: LoopbackCluster) -> Iterator[str]:
 def test_ssh_release_with_an_encrypted_key_writes_no_secret(cluster: LoopbackCluster, tmp_path: Path,
                                                             canaries: dict[str, str], remote_wd: str) -> None:
     key = encrypted_key(cluster, tmp_path / "id_ed25519", canaries["passphrase"])
-    remote = ("--day0-executor", cluster.url("ssh"), "--day0-ssh-key", str(key), "--day0-known-hosts",
-              str(cluster.known_hosts), "--day0-remote-workdir", remote_wd)
+    remote = (f"--day0-executor={cluster.url('ssh')}", f"--day0-ssh-key={key}",
+              f"--day0-known-hosts={cluster.known_hosts}", f"--day0-remote-workdir={remote_wd}")
     env = {"HF_TOKEN": canaries["HF_TOKEN"], "DAY0_API_KEY": canaries["api_key"]}
-    ok = run_session(tmp_path / "run", *remote, "--day0-limit", "4", "--day0-ssh-key-passphrase",
+    ok = run_session(tmp_path / "run", *remote, "--day0-limit=4", "--day0-ssh-key-passphrase",
                      canaries["passphrase"], env=env)
     assert ok.rc == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
     assert "VERDICT fp8" in ok.stdout and "SSH tunnel" in ok.stdout  # it really ran remotely

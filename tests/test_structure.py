@@ -108,7 +108,7 @@ def test_the_circle_finder_finds_one() -> None:
     """The check can fail: the circle the old plugin/suite pair had is found in a graph that has it."""
     graph = import_graph()
     graph["pytest_day0.release.suite"] = {*graph["pytest_day0.release.suite"], "pytest_day0.plugin"}
-    assert ["pytest_day0.plugin", "pytest_day0.release.suite"] in circles(graph)
+    assert any({"pytest_day0.plugin", "pytest_day0.release.suite"} <= set(c) for c in circles(graph))
 
 
 def _private_writes(tree: ast.AST) -> Iterator[tuple[int, str]]:

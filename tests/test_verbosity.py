@@ -158,10 +158,10 @@ def test_chattier_candidate_is_verbosity_exceeded_in_a_session(
     summary = pytester.path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--day0-model", "toy", "--recipe", "fp8", "--day0-quantize", "none",
-        "--day0-serve", "external", "--day0-baseline-url", base_url, "--day0-candidate-url", cand_url,
-        "--day0-tasks", str(task), "--day0-workdir", str(ws), f"--junitxml={pytester.path / 'day0.xml'}",
-        "--json-report", f"--json-report-file={pytester.path / 'day0.json'}", "--day0-concurrency", "4")
+        "-p", "no:cacheprovider", "--day0-model=toy", "--recipe", "fp8", "--day0-quantize=none",
+        "--day0-serve=external", f"--day0-baseline-url={base_url}", f"--day0-candidate-url={cand_url}",
+        f"--day0-tasks={task}", f"--day0-workdir={ws}", f"--junitxml={pytester.path / 'day0.xml'}",
+        "--json-report", f"--json-report-file={pytester.path / 'day0.json'}", "--day0-concurrency=4")
     out = result.stdout.str()
     verdict = json.loads((ws / "verdict.json").read_text())
     v = verdict["session"]["verdicts"][0]

@@ -177,7 +177,9 @@ class ReleaseChain:
                     recipe_obj, self.source(), self.source_key(), key, CALIBRATION_TEXT, c.calib_size,
                     c.stage_timeout, c.quantize, c, on_line))
             except Day0Error:
-                for line in tail[-5:]:
+                from pytest_day0.stages.quantize import relevant_log_lines
+
+                for line in relevant_log_lines(tail)[-5:]:
                     self.progress("    | " + line)
                 raise
             if result.reused:

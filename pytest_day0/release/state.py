@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_day0.config import RunConfig
 from pytest_day0.failures import Tier
-from pytest_day0.gates.outcome import GateOutcome
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # light at import: the plugin loads this module in every pytest session of the environment
+    from pytest_day0.config import RunConfig
     from pytest_day0.gates.compare import TaskComparison
+    from pytest_day0.gates.outcome import GateOutcome
     from pytest_day0.release.chain import ReleaseChain
     from pytest_day0.verdict import SessionVerdict
 
@@ -56,7 +56,7 @@ class SessionState:
     extra_reports: list[Path] = field(default_factory=list)  # paths other plugins' pytest_day0_report wrote
 
 
-CONFIG_KEY = pytest.StashKey[RunConfig]()
+CONFIG_KEY = pytest.StashKey["RunConfig"]()
 STATE_KEY = pytest.StashKey[SessionState]()
 IDENTITY_KEY = pytest.StashKey[GateIdentity]()  # per item
-OUTCOME_KEY = pytest.StashKey[GateOutcome]()  # per item: what the test itself built with the typed builders
+OUTCOME_KEY = pytest.StashKey["GateOutcome"]()  # per item: what the test itself built with the typed builders

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pytest_day0.gates.outcome import GateOutcome
 from pytest_day0.release.comparisons import load_comparisons
 from pytest_day0.release.state import SessionState
 from pytest_day0.report import github, terminal
@@ -29,8 +30,21 @@ def _size_ratio(state: SessionState, recipe: str) -> float | None:
     return None
 
 
+def chain_order(state: SessionState) -> list[GateOutcome]:
+    """Outcomes in chain order (gate, then task, then side), whatever order the xdist workers reported them in:
+    the reasons and task lists of every verdict read the same from run to run and from recipe to recipe."""
+    from pytest_day0.release.suite import GATES
+
+    gates = {g: i for i, g in enumerate(GATES.values())}
+    tasks = {t: i for i, t in enumerate(state.task_names)}
+    sides = {s: i for i, s in enumerate(("baseline", *state.config.recipes))}
+    return sorted(state.outcomes, key=lambda o: (gates.get(o.gate, len(gates)), tasks.get(o.task or "", -1),
+                                                 sides.get(o.side or "", -1), o.nodeid or ""))
+
+
 def finish(state: SessionState, config: pytest.Config) -> SessionVerdict:
     run = state.config
+    state.outcomes = chain_order(state)
     verdicts = [decide(r, state.outcomes, _size_ratio(state, r), source_label="bf16" if run.model == "demo"
                        else "source") for r in run.recipes]
     session = decide_session(verdicts)

@@ -31,6 +31,10 @@ DONE_MARKER = "day0_ptq.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
                    "added_tokens.json")
+# Advice upstream tools print that never applies to a PTQ run here (one process, no pipeline parallelism, and a
+# check we must not switch off): shown to the user it would only send them the wrong way.
+NOT_OUR_ADVICE = ("MODELOPT_SKIP_WEIGHT_QUANT_CHECK", "pipeline parallel", "collective hang", "on every rank",
+                  "a rank whose local stage", "targeted modules (e.g. a pure-attention stage")
 # ModelOpt refuses a recipe whose patterns match no module; that is the model's shape, not a crash.
 _UNSUPPORTED_SIGNS = ("no weight quantizer is enabled", "patterns do not match")
 
@@ -178,6 +182,11 @@ def run_child(body: Callable[[], dict[str, Any]], classify: Callable[[BaseExcept
         print(RESULT_PREFIX + json.dumps({"ok": False, "failure_class": failure_class, "message": message}),
               flush=True)
         return 3
+
+
+def relevant_log_lines(lines: list[str]) -> list[str]:
+    """An engine's log lines worth showing a user: advice that cannot apply to this run filtered out."""
+    return [ln for ln in lines if not any(sign.lower() in ln.lower() for sign in NOT_OUR_ADVICE)]
 
 
 def _last_result(log_path: Path) -> dict[str, Any] | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pytest_day0.config import DEMO_MODEL_ID
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.options import DEMO_MODEL_ID
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo" / "model"
 CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "demo" / "calibration.txt"
