@@ -37,6 +37,9 @@ else
   run session "$PY" bench/bench_session.py
 fi
 
+banner "plugin idle: an unrelated session with and without pytest-day0"
+run plugin_idle "$PY" bench/bench_plugin_idle.py
+
 banner "scorer vs lm-eval-harness local-completions"
 if [ -f bench/install-lm-eval.sh ] && [ -f bench/bench_scorer_vs_lm_eval.py ]; then
   if bash bench/install-lm-eval.sh "$PY"; then

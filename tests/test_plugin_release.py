@@ -303,6 +303,9 @@ def test_xdist_runs_each_stage_once_and_a_rerun_is_cached(pytester: pytest.Pytes
     assert counts == {"ptq_run": 1, "server_start": 2, "eval_run": 6}
     assert sorted(e["side"] for e in events(ws, "server_start")) == ["baseline", "fp8"]
     assert reference_servers(pytester.path) == []
+    # the workers' stage progress reaches the terminal through the controller (dots for a minute, before)
+    for stage in ("PTQ fp8 done in", "serve baseline done in", "eval fp8/gsm_like done in"):
+        assert any(line.startswith(f"[day0] {stage}") for line in first.out.splitlines()), first.out[-3000:]
     # reports written once, by the controller, with every worker's gate properties
     assert next(iter(first.report)) == "day0"
     assert len([line for line in summary.read_text().splitlines() if line.startswith("## ")]) == 1
