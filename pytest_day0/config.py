@@ -329,10 +329,13 @@ def _refuse_cuda_only_recipes(recipes: tuple[Recipe, ...]) -> None:
     needing = [r.name for r in recipes if r.needs_cuda]
     if not needing:
         return
-    import torch
-
-    if torch.cuda.is_available():
-        return
+    try:
+        import torch
+    except ImportError:  # no torch, no CUDA: the same answer
+        pass
+    else:
+        if torch.cuda.is_available():
+            return
     raise ValueError(f"--recipe {', '.join(needing)}: ModelOpt calibrates it with CUDA kernels and this machine has "
                      "no CUDA device; run it on a GPU node (--day0-executor slurm://user@host?partition=P or "
                      "ssh://user@host) or gate a checkpoint made there (--day0-quantize existing --day0-checkpoint "
