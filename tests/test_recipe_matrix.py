@@ -9,6 +9,10 @@ named in the table's "proof" column (:data:`PROOFS`):
   inspected, PTQ gate, size; float32: the numerics), the float32 export loaded by the reference server's loader,
   and its logits compared with ModelOpt's in-memory fake-quant model (after export's resmoothing, see
   ``test_dequant_numerics.py``): max |diff| <= 1e-4, same argmax, and the quantization effect > 100x that.
+  Where the two quantize a weight or an activation to different grid points, that value must sit on the
+  rounding boundary between them (ModelOpt's export and fake quant round exact ties of the bf16 demo
+  differently; float32 noise decides boundary cases between two forwards), and only there the reference takes
+  the served side (:func:`_tie_aligned_reference`).
 - ``round trip``: where ModelOpt's fake-quant forward needs CUDA (NVFP4), our own quantizer, written from the
   format, re-quantizes the in-memory weights into exactly the exported bytes and scales, and the dequantized
   weights stay within the format's error bound.
@@ -208,17 +212,16 @@ LAYER_FORMATS = {  # recipe -> what the reference server's loader reports for ea
 }
 
 
-def _served_logits(ptq: DemoPtq, quantized: set[str], eval_ids: Any) -> Any:
-    """Load both exports as the reference server does (the bf16 one is what gets served) and score the float32
-    one in float32, as the server runs."""
+def _check_exports_load(ptq: DemoPtq, quantized: set[str]) -> Any:
+    """Both exports load as the reference server loads them (the bf16 one is what gets served), every quantized
+    linear in the recipe's format; returns the float32 one's model."""
     from pytest_day0.serving import dequant
 
     for ckpt in (ptq.ckpt16, ptq.ckpt32):
         loaded = dequant.load_checkpoint(ckpt)
         assert set(loaded.layers) == quantized
         assert set(loaded.layers.values()) == {LAYER_FORMATS[ptq.recipe.name]}, loaded.layers
-    with torch.no_grad():
-        return loaded.model(eval_ids).logits.float()
+    return loaded.model
 
 
 def _apart(a: Any, b: Any, value: Any) -> Any:
@@ -341,8 +344,7 @@ def _compare_with_modelopt(ptq: DemoPtq, cache: DemoPtqCache, record: Callable[[
 
 def prove_fake_quant_logits(name: str, cache: DemoPtqCache, record: Callable[[str, object], None]) -> None:
     ptq = cache.get(name)
-    quantized = _inspect_and_gate(ptq, record)
-    _served_logits(ptq, quantized, cache.eval_ids)
+    _check_exports_load(ptq, _inspect_and_gate(ptq, record))
     _compare_with_modelopt(ptq, cache, record)
 
 
@@ -350,9 +352,9 @@ def prove_nvfp4_round_trip(name: str, cache: DemoPtqCache, record: Callable[[str
     from pytest_day0.serving import dequant
 
     ptq = cache.get(name)
-    quantized = _inspect_and_gate(ptq, record)
-    logits = _served_logits(ptq, quantized, cache.eval_ids)
-    assert torch.isfinite(logits).all()
+    served = _check_exports_load(ptq, _inspect_and_gate(ptq, record))
+    with torch.no_grad():
+        assert torch.isfinite(served(cache.eval_ids).logits).all()
     tensors = dequant._read_tensors(ptq.ckpt32)
     worst = 0.0
     for module, weight in ptq.originals.items():
@@ -385,7 +387,7 @@ def prove_mxfp8(name: str, cache: DemoPtqCache, record: Callable[[str, object], 
 
     ptq = cache.get(name)
     quantized = _inspect_and_gate(ptq, record)
-    _served_logits(ptq, quantized, cache.eval_ids)
+    _check_exports_load(ptq, quantized)
     tensors = dequant._read_tensors(ptq.ckpt32)
     worst = 0.0
     for module, weight in ptq.originals.items():
@@ -412,10 +414,10 @@ def prove_mxfp8(name: str, cache: DemoPtqCache, record: Callable[[str, object], 
     switched: list[str] = []
 
     def modelopt_on_cpu(model: Any) -> None:
-        for name, module in model.named_modules():
+        for qname, module in model.named_modules():
             if isinstance(module, TensorQuantizer) and module.is_enabled and module.is_mx_format:
                 module.backend = "day0_mxfp8_cpu"
-                switched.append(name)
+                switched.append(qname)
 
     _compare_with_modelopt(ptq, cache, record, modelopt_on_cpu)
     assert len(switched) == 2 * len(quantized)  # every weight and every input quantizer
