@@ -122,7 +122,12 @@ class DemoPtqCache:
 
     def get(self, name: str) -> DemoPtq:
         if name not in self.done:
-            self.done[name] = self._run(resolve_recipe(name))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the stage does for small models: threads only contend on 2 cores
+            try:
+                self.done[name] = self._run(resolve_recipe(name))
+            finally:
+                torch.set_num_threads(threads)
         return self.done[name]
 
     def _run(self, recipe: Recipe) -> DemoPtq:
@@ -160,7 +165,6 @@ def demo_ptq(tmp_path_factory: pytest.TempPathFactory) -> DemoPtqCache:
     from pytest_day0.stages.quantize import load_for_calibration
     from pytest_day0.stages.source import CALIBRATION_TEXT, DEMO_MODEL_DIR
 
-    torch.set_num_threads(1)  # the stage does the same for small models: threads only contend on 2 cores
     base, batches = load_for_calibration(DEMO_MODEL_DIR, torch.float32, CALIBRATION_TEXT.read_text(), CALIB_SIZE,
                                          CALIB_SEQ)
     base.eval()
