@@ -178,6 +178,11 @@ class RunConfig(BaseModel):
                 if not engine.supports(recipe):
                     raise ValueError(f"--recipe {recipe.name}: quantize engine {self.quantize} does not make it "
                                      f"(made by: {', '.join(recipe.engines)})")
+        if self.quantize == "modelopt" and self.executor == "local":  # a remote node may well have a GPU
+            _refuse_cuda_only_recipes(self.recipe_objects)
+        if self.quantize == "llmcompressor" and self.serve == "reference" and not self.serve_command:
+            raise ValueError("--day0-quantize llmcompressor writes compressed-tensors checkpoints, which the reference "
+                             "server does not emulate: add --day0-serve vllm")
         if self.quantize == "existing" and self.checkpoint is None:
             raise ValueError("--day0-quantize existing needs --day0-checkpoint PATH")
         if self.quantize == "existing" and len(self.recipes) != 1:
@@ -229,6 +234,25 @@ class RunConfig(BaseModel):
     def fingerprint(self, *fields: str) -> str:
         data = {f: self.model_dump(mode="json")[f] for f in fields}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _refuse_cuda_only_recipes(recipes: tuple[Recipe, ...]) -> None:
+    """A recipe whose calibration needs CUDA fails only after minutes of PTQ on a machine without it: say so now.
+    torch is imported only when such a recipe is asked for, so validating any other configuration stays cheap."""
+    needing = [r.name for r in recipes if r.needs_cuda]
+    if not needing:
+        return
+    try:
+        import torch
+    except ImportError:  # no torch, no CUDA: the same answer
+        pass
+    else:
+        if torch.cuda.is_available():
+            return
+    raise ValueError(f"--recipe {', '.join(needing)}: ModelOpt calibrates it with CUDA kernels and this machine has "
+                     "no CUDA device; run it on a GPU node (--day0-executor slurm://user@host?partition=P or "
+                     "ssh://user@host) or gate a checkpoint made there (--day0-quantize existing --day0-checkpoint "
+                     "PATH)")
 
 
 def _split(value: str) -> tuple[str, ...]:

@@ -191,6 +191,82 @@ def coverage(recipe: str, tensors: dict[str, tuple[str, list[int]]], *, quant: d
     return action
 
 
+def served_demo(*, quant_algo: str | None = None, quantization_config: dict[str, Any] | None = None,
+                fp8_scale: Callable[[Any], Any] | None = None, input_scale: bool = True) -> Action:
+    """The demo checkpoint as the reference server's loader gets it, altered: a quant declaration, and with
+    ``fp8_scale`` every decoder linear stored as FP8 E4M3 with the weight_scale that function makes (a float
+    per-tensor scale, or a malformed one), with or without its input_scale."""
+    def action(ctx: Ctx) -> object:
+        import shutil
+
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        from pytest_day0.serving import dequant
+        from pytest_day0.stages.source import DEMO_MODEL_DIR
+
+        path = ctx.tmp / "served"
+        shutil.copytree(DEMO_MODEL_DIR, path)
+        if quant_algo is not None:
+            (path / "hf_quant_config.json").write_text(json.dumps(hf_quant(quant_algo)))
+        if quantization_config is not None:
+            config = json.loads((path / "config.json").read_text())
+            (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+        if fp8_scale is not None:
+            tensors = load_file(str(path / "model.safetensors"))
+            for name in [n for n in tensors if n.startswith("model.layers.") and n.endswith("proj.weight")]:
+                weight = tensors[name].float()
+                scale = weight.abs().max() / 448.0
+                tensors[name] = (weight / scale).to(torch.float8_e4m3fn)
+                tensors[name.replace(".weight", ".weight_scale")] = fp8_scale(weight)
+                if input_scale:
+                    tensors[name.replace(".weight", ".input_scale")] = torch.tensor(0.01)
+            save_file(tensors, str(path / "model.safetensors"))
+        return dequant.load_checkpoint(path)
+    return action
+
+
+def _per_tensor_scale(weight: Any) -> Any:
+    return weight.abs().max() / 448.0
+
+
+def _e8m0_per_16(weight: Any) -> Any:
+    """E8M0 bytes in blocks of 16 (MXFP8 is 32): the layout of another format under MXFP8's dtypes."""
+    import torch
+
+    return torch.full((weight.shape[0], weight.shape[1] // 16), 120, dtype=torch.uint8)
+
+
+def _needs_cuda_config(ctx: Ctx) -> object:
+    from pytest_day0.config import build_config
+
+    return build_config({"model": "demo", "recipe": "nvfp4_awq", "workdir": str(ctx.tmp)}, lambda _k: None,
+                        environ={})
+
+
+def _llmcompressor_on_reference(ctx: Ctx) -> object:
+    from pytest_day0.config import build_config
+
+    return build_config({"model": "demo", "recipe": "w8a8", "quantize": "llmcompressor"}, lambda _k: None,
+                        environ={})
+
+
+def _no_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+CT_W8A8 = {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+           "config_groups": {"group_0": {"targets": ["Linear"],
+                                         "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+                                         "input_activations": {"num_bits": 8, "type": "int", "strategy": "token",
+                                                               "dynamic": True}}},
+           "ignore": ["lm_head"]}
+
+
 def config_file_missing(ctx: Ctx) -> object:
     """The export dropped config.json: the PTQ metadata gate sees every engine-facing field vanish."""
     source = inspect_checkpoint(checkpoint(ctx, "src", linears("bf16")))
@@ -542,6 +618,21 @@ CASES = [
     P(lambda ctx: inspect_checkpoint(checkpoint(ctx, "c", {"model.layers.0.mlp.down_proj.weight": ("F8_E4M3", [8, 8])},
                                                 quant=hf_quant("FP8"))), NS,
       "model.layers.0.mlp.down_proj: weight is F8_E4M3 but no scale tensor", "fp8-weight-without-scale"),
+    # --- recipes and formats (issue 11): refused up front by name, never served or calibrated into a false verdict
+    P(_needs_cuda_config, UC, "--recipe nvfp4_awq_lite: ModelOpt calibrates it with CUDA kernels and this machine "
+      "has no CUDA device", "config-recipe-needs-cuda",
+      pytest.mark.skipif(not _no_cuda(), reason="a CUDA device is present: the recipe is runnable here")),
+    P(_llmcompressor_on_reference, UC, "compressed-tensors checkpoints, which the reference server does not emulate",
+      "config-llmcompressor-on-reference-server"),
+    P(served_demo(quantization_config=CT_W8A8), NS, "compressed-tensors (int-quantized) checkpoint: the reference "
+      "server emulates ModelOpt exports only", "serve-compressed-tensors-w8a8"),
+    P(served_demo(quant_algo="W4A8_NVFP4_FP8"), NS, "ModelOpt quant_algo W4A8_NVFP4_FP8 is not emulated",
+      "serve-modelopt-algo-not-emulated"),
+    P(served_demo(quant_algo="FP8", fp8_scale=_per_tensor_scale, input_scale=False), NS,
+      "FP8 weight without the input_scale of its FP8 activations", "serve-fp8-without-input-scale"),
+    P(served_demo(quant_algo="MXFP8", fp8_scale=_e8m0_per_16, input_scale=False), NS,
+      "down_proj: MXFP8 weight_scale (128, 24) does not fit a [128, 384] linear in blocks of 32",
+      "serve-mxfp8-scale-blocks-of-16"),
     # --- task files
     P(task_files(MC, [S1, "{\"id\": \"2\", \"prompt\": "]), UC, "t.jsonl line 2", "task-bad-jsonl-line"),
     P(task_files(MC, [S1, S1.replace("1+1", "9+9")]), UC, "line 2: duplicate sample id '1'", "task-duplicate-ids"),
@@ -788,6 +879,6 @@ def test_corpus_covers_every_area() -> None:
     """The corpus keeps its breadth: >= 45 rows, each area of the issue represented."""
     ids = [p.id for p in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 45
-    for prefix in ("header-", "index-", "config", "hfquant-", "task-", "published-", "run-score", "lmeval-",
-                   "server-", "ssh-", "sbatch-", "slurm-job-"):
+    for prefix in ("header-", "index-", "config", "hfquant-", "serve-", "task-", "published-", "run-score",
+                   "lmeval-", "server-", "ssh-", "sbatch-", "slurm-job-"):
         assert any(i.startswith(prefix) for i in ids), prefix

@@ -44,8 +44,11 @@ def test_boolean_from_environment_and_ini() -> None:
 
 
 def test_recipe_list_resolves_old_aliases_and_dedupes() -> None:
-    cfg = build_config({"model": "demo", "recipe": "fp8, int8_sq,int8_smoothquant,nvfp4_awq"}, _ini({}), {})
-    assert cfg.recipes == ("fp8", "int8_smoothquant", "nvfp4_awq_lite")
+    cfg = build_config({"model": "demo", "recipe": "fp8, int8_sq,int8_smoothquant,fp8_pb_wo"}, _ini({}), {})
+    assert cfg.recipes == ("fp8", "int8_smoothquant", "fp8_2d_blockwise_weight_only")
+    # nvfp4_awq (CUDA-only calibration) resolves too where it may run: on a remote executor
+    cfg = build_config({"model": "demo", "recipe": "nvfp4_awq", "executor": "slurm://u@h?partition=p"}, _ini({}), {})
+    assert cfg.recipes == ("nvfp4_awq_lite",)
 
 
 def test_relative_workdir_is_under_rootdir(tmp_path: Path) -> None:

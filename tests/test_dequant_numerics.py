@@ -328,9 +328,74 @@ def test_unservable_checkpoint_is_classified(nvfp4: Nvfp4Case, tmp_path: Path) -
     assert err.value.failure_class is FailureClass.CHECKPOINT_NOT_SERVABLE
 
 
+# ---------------------------------------------------------------- MXFP8 and FP8 2-D blocks: the layouts
+
+
+def test_e8m0_exponent_is_exact_ceil_log2() -> None:
+    """ceil(log2(amax / 448)) from the float32 ratio's bits, as ModelOpt's CUDA kernel (``compute_scale_e8m0_NV``)
+    computes it; ModelOpt's Python ``MXFP8QTensor`` (torch.log2 + ceil) agrees except just above a power of two,
+    where the float32 log2 rounds down onto the integer (e.g. 2^-20 * (1 + 2^-23): exact answer -19, log2 -20)."""
+    import math
+
+    from modelopt.torch.quantization.qtensor import MXFP8QTensor
+
+    gen = torch.Generator().manual_seed(11)
+    amax = torch.rand(4096, generator=gen) * torch.logspace(-8, 4, 4096)
+    edges = torch.tensor([448.0 * 2.0**k for k in range(-20, 8)])
+    amax = torch.cat([amax, edges, edges * (1 + 2**-23), edges * (1 - 2**-24), torch.zeros(1)])
+    ours = dequant.e8m0_exponent(amax)
+    ratio = (amax / dequant.FP8_E4M3_MAX).tolist()  # the float32 quotient, as the kernel divides
+    exact = [0.0 if r == 0 else float(math.frexp(r)[1] - (1 if math.frexp(r)[0] == 0.5 else 0)) for r in ratio]
+    assert ours.tolist() == exact
+    theirs = MXFP8QTensor._compute_e8m0_exponent(amax)
+    assert torch.equal(ours[:4096], theirs[:4096])  # generic values: ModelOpt's Python rule is the same rule
+    just_above = slice(4096 + len(edges), 4096 + 2 * len(edges))
+    assert (theirs[just_above] < ours[just_above]).any()  # ... and rounds down just above a power of two
+    assert ours[-1] == 0.0  # an all-zero block keeps scale 1 (the kernel's)
+
+
+def test_mxfp8_activation_quantizer_matches_modelopt_qtensor() -> None:
+    """Our dynamic activation quantizer vs ModelOpt's own MXFP8 quantize-dequantize on CPU, with a zero block and
+    a last dim that is not a multiple of 32 (both pad with zeros)."""
+    from modelopt.torch.quantization.qtensor import MXFP8QTensor
+
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 72, generator=gen) * torch.logspace(-4, 3, 72)
+    x[0, :32] = 0.0
+    qtensor, scale = MXFP8QTensor.quantize(x)
+    theirs = qtensor.dequantize(dtype=torch.float32, scale=scale)
+    ours = dequant.fake_quant_mxfp8_activation(x)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[0, :32], torch.zeros(32))
+    assert not torch.equal(ours, x)  # it quantized
+    assert torch.equal(dequant.fake_quant_mxfp8_activation(ours), ours)  # and is idempotent
+    values, exponents = dequant.quantize_mxfp8(x[:, :64])
+    assert torch.equal(dequant.dequantize_mxfp8(values, exponents), theirs[:, :64])
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 384), (128, 128)])
+def test_fp8_blockwise_scale_layouts_match_modelopt_dequantize(shape: tuple[int, int]) -> None:
+    """fp8_pb_wo exports the block amax / 448 in its blocked layout [out/128, 1, in/128, 1] (a scalar for one
+    block); our reading of it equals ModelOpt's FP8QTensor.dequantize over 128x128 blocks, padding included."""
+    from modelopt.torch.quantization.qtensor import FP8QTensor
+    from modelopt.torch.quantization.utils import reduce_block_amax, reduce_block_padding
+
+    blocks = {-1: 128, -2: 128}
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(13)) * 0.05
+    amax = reduce_block_amax(reduce_block_padding(weight, blocks), blocks)
+    scale = amax / 448.0
+    qtensor, used = FP8QTensor.quantize(weight, scale, block_sizes=blocks)
+    theirs = qtensor.dequantize(dtype=torch.float32, scale=used, block_sizes=blocks)
+    rows, cols = -(-shape[0] // 128), -(-shape[1] // 128)
+    blocked = scale.reshape(rows, 1, cols, 1)
+    exported = blocked.squeeze() if blocked.numel() == 1 else blocked
+    assert torch.equal(dequant.dequantize_fp8(qtensor._quantized_data, exported), theirs)
+    assert torch.equal(dequant.dequantize_fp8(qtensor._quantized_data, scale.reshape(rows, cols)), theirs)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="ModelOpt 0.47's NVFP4 fake-quant forward needs CUDA: runs where a GPU is present")
-@pytest.mark.parametrize("cfg_name", ["NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG"])
+@pytest.mark.parametrize("cfg_name", ["NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG", "NVFP4_AWQ_LITE_CFG"])
 def test_nvfp4_emulation_matches_modelopt_fake_quant_on_cuda(
     cfg_name: str, base_model: Any, eval_ids: torch.Tensor, tmp_path: Path, record_property: Any
 ) -> None:

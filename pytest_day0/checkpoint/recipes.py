@@ -48,6 +48,9 @@ class Recipe:
     quantizes_activations: bool
     engines: tuple[str, ...] = ("modelopt",)  # quantize engines that make it (``existing`` gates any recipe)
     scheme: str = ""  # llm-compressor preset scheme name, for recipes that engine makes
+    # Calibration needs a CUDA device (ModelOpt 0.47: AWQ's search runs the NVFP4 fake-quant forward, whose
+    # kernels are CUDA/triton only). A local executor without one refuses the recipe before any work.
+    needs_cuda: bool = False
 
 
 RECIPES: dict[str, Recipe] = {
@@ -66,7 +69,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("nvfp4_mlp_only", "NVFP4_MLP_ONLY_CFG", Precision.NVFP4, Scope.MLP, 4, True),
         Recipe("nvfp4_experts_only", "NVFP4_EXPERTS_ONLY_CFG", Precision.NVFP4, Scope.EXPERTS, 4, True),
         Recipe("nvfp4_omlp_only", "NVFP4_OMLP_ONLY_CFG", Precision.NVFP4, Scope.MLP_AND_O_PROJ, 4, True),
-        Recipe("nvfp4_awq_lite", "NVFP4_AWQ_LITE_CFG", Precision.NVFP4, Scope.ALL_LINEAR, 4, True),
+        Recipe("nvfp4_awq_lite", "NVFP4_AWQ_LITE_CFG", Precision.NVFP4, Scope.ALL_LINEAR, 4, True, needs_cuda=True),
         Recipe("w4a16_nvfp4", "W4A16_NVFP4_CFG", Precision.NVFP4, Scope.ALL_LINEAR, 4, False),
         Recipe("int4_awq", "INT4_AWQ_CFG", Precision.INT4, Scope.ALL_LINEAR, 4, False),
         Recipe("w4a8_awq_beta", "W4A8_AWQ_BETA_CFG", Precision.INT4, Scope.ALL_LINEAR, 4, True),

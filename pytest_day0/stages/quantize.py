@@ -118,6 +118,20 @@ def child_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def modelopt_quantize(model: Any, recipe: Recipe, batches: list[Any]) -> Any:
+    """Calibrate and fake-quantize ``model`` in place with the recipe's mtq config (the numerics tests call this
+    too, so the model they check the exported checkpoint against is the one this stage builds)."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    def forward_loop(m: Any) -> None:
+        with torch.no_grad():
+            for ids in batches:
+                m(input_ids=ids)
+
+    return mtq.quantize(model, getattr(mtq, recipe.mtq_config), forward_loop)
+
+
 def run_modelopt_ptq(source: Path, recipe: Recipe, export_dir: Path, calibration_text: str, calib_size: int,
                      calib_seq: int) -> dict[str, Any]:
     """The child-process body: load, calibrate, quantize, export. Heavy imports stay in here."""
@@ -135,15 +149,9 @@ def run_modelopt_ptq(source: Path, recipe: Recipe, export_dir: Path, calibration
     if not getattr(model.config, "architectures", None):  # ModelOpt's export iterates it
         model.config.architectures = [type(model).__name__]
 
-    def forward_loop(m: Any) -> None:
-        with torch.no_grad():
-            for ids in batches:
-                m(input_ids=ids)
-
-    config = getattr(mtq, recipe.mtq_config)
     print(f"[day0] quantizing {source} with {recipe.name} ({recipe.mtq_config}), {len(batches)} calibration batches",
           flush=True)
-    model = mtq.quantize(model, config, forward_loop)
+    model = modelopt_quantize(model, recipe, batches)
     mtq.print_quant_summary(model) if hasattr(mtq, "print_quant_summary") else None
     export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
     copy_tokenizer_files(source, export_dir)
