@@ -9,9 +9,11 @@ failure without parsing tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -236,12 +238,11 @@ def quantize_modelopt(
                 if on_line is not None and not line.startswith(RESULT_PREFIX):
                     on_line(line.rstrip("\n"))
                 if time.time() - started > timeout_s:
-                    proc.kill()
+                    _kill_group(proc)
                     break
             proc.wait(timeout=max(1.0, timeout_s - (time.time() - started)))
-        except BaseException:
-            proc.kill()
-            proc.wait()
+        except BaseException:  # Ctrl-C / SIGTERM (the CLI and the plugin turn it into KeyboardInterrupt), a timeout
+            _kill_group(proc)
             shutil.rmtree(staging, ignore_errors=True)
             raise
     wall = time.time() - started
@@ -263,6 +264,15 @@ def quantize_modelopt(
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(staging, out_dir)
     return QuantizeResult(out_dir, "modelopt", recipe.name, wall, False, log_path)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """The child runs in its own session (a terminal's Ctrl-C must not reach it half-way through an export), so
+    stopping it is our job: SIGKILL its whole group (anything it spawned, too) and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()  # no-op when the group kill already took it; covers a child that left its group
+    proc.wait()
 
 
 def use_existing(checkpoint: Path, recipe: Recipe) -> QuantizeResult:

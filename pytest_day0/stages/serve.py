@@ -34,6 +34,10 @@ from pytest_day0.serving.endpoint import Endpoint
 REFERENCE_MODULE = "pytest_day0.serving.reference_server"
 LOAD_FAILED_MARKER = "load failed:"  # what reference_server prints before exiting on a checkpoint it cannot load
 STOP_GRACE_S = 10.0
+# The reference server's own values (reference_server imports torch; the CLI validates before that import).
+# tests/test_cli.py keeps them equal to reference_server.LOOPBACK_HOSTS / MAX_BATCH.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1"})
+REFERENCE_MAX_BATCH = 64
 
 
 class ServerHandle:
@@ -144,6 +148,19 @@ def normalize_base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+def check_bind_host(host: str, allow_remote_bind: bool) -> None:
+    """The reference server has no authentication and runs any prompt: loopback unless the user says otherwise."""
+    if host not in LOOPBACK_HOSTS and not allow_remote_bind:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR,
+                        f"refusing to bind {host!r}: the reference server has no authentication, so it binds "
+                        f"loopback only ({', '.join(sorted(LOOPBACK_HOSTS))}) unless --allow-remote-bind is given")
+
+
+def port_in_use(log_text: str) -> bool:
+    """uvicorn's bind failure for a port someone else holds (errno 98 / EADDRINUSE)."""
+    return "address already in use" in log_text.lower()
+
+
 def pick_model(served: Sequence[str], wanted: str | None) -> str:
     if wanted:
         if served and wanted not in served:
@@ -185,10 +202,18 @@ def start_reference_server(
     timeout_s: float = 120,
     *,
     host: str = "127.0.0.1",
+    port: int = 0,
     threads: int | None = None,
+    max_batch: int | None = None,
+    allow_remote_bind: bool = False,
     extra_args: Sequence[str] = (),
 ) -> ServerHandle:
-    """Launch the reference server on ``checkpoint`` as ``name``; returns once GET /health answers 200."""
+    """Launch the reference server on ``checkpoint`` as ``name``; returns once GET /health answers 200.
+
+    ``port`` 0 lets the server pick a free one (reported through its ready file), so parallel sessions never race
+    for a port; a non-loopback ``host`` needs ``allow_remote_bind``.
+    """
+    check_bind_host(host, allow_remote_bind)
     checkpoint = Path(checkpoint)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -198,9 +223,13 @@ def start_reference_server(
     ready_file.unlink(missing_ok=True)  # a stale one would point at a dead server
 
     cmd = [sys.executable, "-m", REFERENCE_MODULE, "--checkpoint", str(checkpoint), "--served-model-name", name,
-           "--host", host, "--port", "0", "--ready-file", str(ready_file)]
+           "--host", host, "--port", str(port), "--ready-file", str(ready_file)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if max_batch is not None:
+        cmd += ["--max-batch", str(max_batch)]
+    if allow_remote_bind:
+        cmd += ["--allow-remote-bind"]
     cmd += list(extra_args)
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])  # so `-m pytest_day0...` imports this very tree
@@ -237,7 +266,12 @@ def start_reference_server(
     returncode = process.poll()
     _terminate_group(process, 2.0)
     log_file.close()
-    failure_class, reason = classify_server_exit(returncode, _tail(log_path))
+    log_text = _tail(log_path)
+    if port and returncode is not None and port_in_use(log_text):
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"{name}: port {port} on {host} is already in use "
+                        f"(another server holds it; pick another --port, or 0 for a free one)",
+                        log_path=str(log_path))
+    failure_class, reason = classify_server_exit(returncode, log_text)
     raise Day0Error(failure_class, f"{name}: {reason} (log: {log_path})", log_path=str(log_path),
                     returncode=returncode)
 
