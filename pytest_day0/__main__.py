@@ -161,12 +161,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(value: str, argument: str) -> Path:
+    """resolve_model, its messages naming this command's argument instead of the plugin's --day0-model."""
+    from pytest_day0.stages.source import resolve_model
+
+    try:
+        return resolve_model(value)
+    except Day0Error as exc:
+        if not exc.message.startswith("--day0-model "):
+            raise
+        raise Day0Error(exc.failure_class, argument + exc.message.removeprefix("--day0-model"), **exc.detail) from None
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from pytest_day0.checkpoint.recipes import resolve_recipe
     from pytest_day0.stages.quantize import quantize_modelopt
-    from pytest_day0.stages.source import CALIBRATION_TEXT, resolve_model
+    from pytest_day0.stages.source import CALIBRATION_TEXT
 
-    result = quantize_modelopt(resolve_model(args.model), resolve_recipe(args.recipe), Path(args.out),
+    recipe = resolve_recipe(args.recipe)
+    if "modelopt" not in recipe.engines:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR,
+                        f"recipe {recipe.name!r} is made by {', '.join(recipe.engines)}, not ModelOpt (this command); "
+                        f"run it in a release: --day0-quantize {recipe.engines[0]} --recipe {recipe.name}")
+    result = quantize_modelopt(_model(args.model, "--model"), recipe, Path(args.out),
                                args.calibration or CALIBRATION_TEXT, calib_size=args.calib_size,
                                on_line=print if args.verbose else None)
     print(f"{result.recipe}: {result.checkpoint} ({'reused' if result.reused else f'{result.wall_s:.1f}s'})")
@@ -175,10 +192,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from pytest_day0.stages.serve import check_bind_host, start_reference_server
-    from pytest_day0.stages.source import resolve_model
 
     check_bind_host(args.host, args.allow_remote_bind)  # before loading anything
-    checkpoint = resolve_model(args.checkpoint)
+    checkpoint = _model(args.checkpoint, "checkpoint")
     with start_reference_server(checkpoint, args.name, Path(args.workdir), timeout_s=args.start_timeout,
                                 host=args.host, port=args.port, threads=args.threads, max_batch=args.max_batch,
                                 allow_remote_bind=args.allow_remote_bind) as handle:
