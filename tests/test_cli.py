@@ -248,3 +248,20 @@ def test_serve_reports_a_server_that_died_on_its_own(tmp_path: Path) -> None:
     lines = [ln for ln in (tmp_path / "serve.out").read_text().splitlines() if ln.startswith("[")]
     assert lines == [lines[-1]] and lines[-1].startswith("[DEPLOYMENT_HEALTH_FAILED] the reference server exited "
                                                          "by itself with code -9"), lines
+
+
+def test_an_earlier_start_in_the_same_log_does_not_decide_this_failure(tmp_path: Path) -> None:
+    """The server log is appended to by every start of the same name: an old "address already in use" must not
+    turn this start's load failure (a checkpoint without weights) into a port problem."""
+    from pytest_day0.stages.serve import start_reference_server
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "server-m.log").write_text("ERROR: [Errno 98] error while attempting to bind on address "
+                                       "('127.0.0.1', 8000): address already in use\n")
+    with pytest.raises(Day0Error) as info:
+        start_reference_server(checkpoint, "m", logs, timeout_s=120, port=_free_port())
+    assert info.value.failure_class is FailureClass.CHECKPOINT_NOT_SERVABLE, str(info.value)

@@ -178,11 +178,13 @@ def pick_model(served: Sequence[str], wanted: str | None) -> str:
 # ---------------------------------------------------------------- engines
 
 
-def _tail(path: Path, max_bytes: int = 20_000) -> str:
+def _tail(path: Path, max_bytes: int = 20_000, start: int = 0) -> str:
+    """The end of a log, from ``start`` on: the log is appended to by every start of the same server name, and an
+    earlier start's "load failed" or "address already in use" must not explain this one's failure."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - max_bytes))
+            f.seek(max(start, f.tell() - max_bytes))
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -237,6 +239,7 @@ def start_reference_server(
     env["PYTHONUNBUFFERED"] = "1"
 
     log_file = log_path.open("ab")
+    this_start = log_file.tell()  # where this start's lines begin
     log_file.write(f"$ {' '.join(cmd)}\n".encode())
     log_file.flush()
     try:
@@ -266,7 +269,7 @@ def start_reference_server(
     returncode = process.poll()
     _terminate_group(process, 2.0)
     log_file.close()
-    log_text = _tail(log_path)
+    log_text = _tail(log_path, start=this_start)
     if port and returncode is not None and port_in_use(log_text):
         raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"{name}: port {port} on {host} is already in use "
                         f"(another server holds it; pick another --port, or 0 for a free one)",
