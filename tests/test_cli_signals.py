@@ -193,3 +193,35 @@ def test_signal_stops_the_command_and_all_it_started(name: str, sig: signal.Sign
     assert "Traceback" not in output or name == "release", output[-3000:]  # pytest prints its own on Ctrl-C
     command.check(tmp_path, output, sig)
     print(f"{name}: {sig.name} -> exit {returncode}, {len(tree)} child process(es) gone, {stopped_s:.2f}s")
+
+
+def test_a_second_signal_does_not_cut_the_cleanup_short(tmp_path: Path) -> None:
+    """An impatient second Ctrl-C (or a supervisor repeating SIGTERM) while ``serve`` stops its server must not
+    kill the command half-way and orphan the server, which runs in its own session."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "DAY0_", "GITHUB_"))}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    with (tmp_path / "out.log").open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pytest_day0", "serve", "demo", "--workdir", "logs"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: dict[int, str] = {}
+    try:
+        wait_for(lambda: "serving " in _out(tmp_path) or proc.poll() is not None, 300, every_s=0.2)
+        assert proc.poll() is None, _out(tmp_path)
+        root_start = _proc_table()[proc.pid][1]
+        tree = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=STOP_WITHIN_S)
+        left = wait_for(lambda: not survivors(tree, proc.pid, root_start, str(tmp_path)), 5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        table = _proc_table()
+        for pid, start in tree.items():
+            if pid in table and table[pid][1] == start:
+                os.kill(pid, signal.SIGKILL)
+    assert left is True, survivors(tree, proc.pid, root_start, str(tmp_path))
+    assert returncode == 0, _out(tmp_path)
+    _serve_check(tmp_path, _out(tmp_path), signal.SIGTERM)
