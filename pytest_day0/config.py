@@ -21,6 +21,32 @@ from pytest_day0.failures import Day0Error, FailureClass
 from pytest_day0.options import DEMO_TASKS, OPTIONS, Option
 
 
+def check_endpoint_url(url: str) -> str:
+    """An OpenAI-compatible endpoint's base URL, checked before anything connects: http(s), a host, a port that
+    exists, no credentials. Returned without a trailing ``/`` or ``/v1`` (Endpoint's contract). Raises ValueError
+    with one line: a URL without a scheme is otherwise retried as a connection error, port 99999 an OverflowError.
+    """
+    url = url.strip()
+    if urlsplit(url).username is not None:  # first: no later message may echo it
+        raise ValueError("put no credentials in an endpoint URL (it is written to every report); "
+                         "give the key as DAY0_API_KEY")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http(s) URL, got {url!r}")
+    import httpx
+
+    try:  # here, as one line: later a bad port is a raw traceback that can show the key among its locals
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a port that is no number or out of range
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise ValueError(f"not a valid URL: {url!r} ({exc})") from None
+    if not parts.hostname:
+        raise ValueError(f"names no host: {url!r}")
+    if port == 0:
+        raise ValueError(f"port 0 is not a port a server listens on: {url!r}")
+    return url.rstrip("/").removesuffix("/v1")
+
+
 class RunConfig(BaseModel):
     """The run. Frozen: one object flows down to every stage and gate."""
 
@@ -148,23 +174,7 @@ class RunConfig(BaseModel):
     @field_validator("baseline_url", "candidate_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and urlsplit(v.strip()).username is not None:  # first: no later message may echo it
-            raise ValueError("put no credentials in an endpoint URL (it is written to every report); "
-                             "give the key as DAY0_API_KEY")
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http(s) URL, got {v!r}")
-        if v is not None:
-            import httpx
-
-            try:  # here, as one line: later a bad port is a raw traceback that can show the key among its locals
-                parts = urlsplit(v.strip())
-                parts.port  # noqa: B018 (raises ValueError on a port that is no number)
-                httpx.URL(v.strip())
-            except (ValueError, httpx.InvalidURL) as exc:
-                raise ValueError(f"not a valid URL: {v!r} ({exc})") from None
-            if not parts.hostname:
-                raise ValueError(f"names no host: {v!r}")
-        return v.rstrip("/").removesuffix("/v1") if v else v
+        return check_endpoint_url(v) if v is not None else None
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

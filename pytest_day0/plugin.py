@@ -176,23 +176,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _terminate_as_interrupt() -> None:
-    """SIGTERM (a cancelled CI job, ``kill``) ends the session like Ctrl-C, so servers and jobs are stopped.
-
-    pytest runs its session-finish hooks on KeyboardInterrupt but not on SIGTERM's default action.
-    """
+    """SIGTERM (a cancelled CI job, ``kill``) and SIGHUP end the session like Ctrl-C, so servers and jobs are
+    stopped: pytest runs its session-finish hooks on KeyboardInterrupt but not on those signals' default action.
+    A second one does not cut that cleanup short (it would orphan the servers); a third quits at once."""
     import signal
     import threading
 
+    from pytest_day0.signals import StopSignals
+
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return  # someone (a runner, the user) already decided what SIGTERM means
-
-    def interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
+    StopSignals((signal.SIGTERM, signal.SIGHUP)).install()  # a handler someone else set is left alone
 
 
 @pytest.hookimpl(optionalhook=True)

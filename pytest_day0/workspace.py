@@ -11,7 +11,7 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,11 +26,28 @@ from pytest_day0.failures import Day0Error, FailureClass
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, exclusively created temporary file next to ``path``, mode 0666 minus the umask.
+
+    Not ``tempfile.mkstemp``: its files are always 0600 whatever the umask, so verdict.json and delta.svg were
+    unreadable to the group (a report publisher, a web server) while events.jsonl beside them was not. No
+    maintained library does only this (``atomicwrites`` is unmaintained since 2022), hence these few lines.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
 def replace_file(path: Path, text: str) -> None:
     """A reader never sees half a file: write beside it, fsync, rename over it. Raises OSError, leaving the old
-    file and no temporary copy, for callers that word their own error (the records file counts what it kept)."""
+    file and no temporary copy, for callers that word their own error (the records file counts what it kept).
+    The new file gets the mode any other new file would (0666 minus the umask: 0644 by default)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -866,7 +866,7 @@ def test_cli_reports_one_line_and_no_traceback(content: Any, cls: str, code: int
     else:
         (tmp_path / "t.task.json").write_text(content.removeprefix("task:"))
         args = ["evaluate", "--url", "http://127.0.0.1:9", "--model", "m", "--task", str(tmp_path / "t.task.json"),
-                "--records", str(tmp_path / "r.jsonl")]
+                "--side", "candidate", "--records", str(tmp_path / "r.jsonl")]
     proc = _cli(args, tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])

@@ -808,12 +808,23 @@ def default_threads(model: Any) -> int:
     return 1 if n_params < 50_000_000 else min(8, os.cpu_count() or 1)
 
 
+def _port(text: str) -> int:
+    """A port uvicorn can bind: out of range it would die with a traceback (OverflowError) instead of one line."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pytest_day0.serving.reference_server", description=__doc__)
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--served-model-name", required=True)
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0, help="0 = pick a free port (see --ready-file)")
+    ap.add_argument("--port", type=_port, default=0, help="0 = pick a free port (see --ready-file)")
     ap.add_argument("--ready-file", type=Path, default=None, help="JSON {url, port, pid} written once listening")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads; default 1 below 50M parameters (thread overhead dominates), "

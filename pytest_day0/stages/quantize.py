@@ -225,6 +225,7 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
     """The child and everything it started (torch workers, compilers): its own process group, all of it."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()  # no-op when the group kill already took it; covers a child that left its group
     proc.wait()
 
 

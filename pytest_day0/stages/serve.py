@@ -34,6 +34,10 @@ from pytest_day0.serving.endpoint import Endpoint
 REFERENCE_MODULE = "pytest_day0.serving.reference_server"
 LOAD_FAILED_MARKER = "load failed:"  # what reference_server prints before exiting on a checkpoint it cannot load
 STOP_GRACE_S = 10.0
+# The reference server's own values (reference_server imports torch; the CLI validates before that import).
+# tests/test_cli.py keeps them equal to reference_server.LOOPBACK_HOSTS / MAX_BATCH.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1"})
+REFERENCE_MAX_BATCH = 64
 
 
 class ServerHandle:
@@ -145,6 +149,19 @@ def normalize_base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+def check_bind_host(host: str, allow_remote_bind: bool) -> None:
+    """The reference server has no authentication and runs any prompt: loopback unless the user says otherwise."""
+    if host not in LOOPBACK_HOSTS and not allow_remote_bind:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR,
+                        f"refusing to bind {host!r}: the reference server has no authentication, so it binds "
+                        f"loopback only ({', '.join(sorted(LOOPBACK_HOSTS))}) unless --allow-remote-bind is given")
+
+
+def port_in_use(log_text: str) -> bool:
+    """uvicorn's bind failure for a port someone else holds (errno 98 / EADDRINUSE)."""
+    return "address already in use" in log_text.lower()
+
+
 def pick_model(served: Sequence[str], wanted: str | None, flag: str = "the model name") -> str:
     """The model to ask for: the named one (which must be served), or the only one; never a silent first pick."""
     if wanted:
@@ -163,11 +180,13 @@ def pick_model(served: Sequence[str], wanted: str | None, flag: str = "the model
 # ---------------------------------------------------------------- engines
 
 
-def _tail(path: Path, max_bytes: int = 20_000) -> str:
+def _tail(path: Path, max_bytes: int = 20_000, start: int = 0) -> str:
+    """The end of a log, from ``start`` on: the log is appended to by every start of the same server name, and an
+    earlier start's "load failed" or "address already in use" must not explain this one's failure."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - max_bytes))
+            f.seek(max(start, f.tell() - max_bytes))
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -187,10 +206,18 @@ def start_reference_server(
     timeout_s: float = 120,
     *,
     host: str = "127.0.0.1",
+    port: int = 0,
     threads: int | None = None,
+    max_batch: int | None = None,
+    allow_remote_bind: bool = False,
     extra_args: Sequence[str] = (),
 ) -> ServerHandle:
-    """Launch the reference server on ``checkpoint`` as ``name``; returns once GET /health answers 200."""
+    """Launch the reference server on ``checkpoint`` as ``name``; returns once GET /health answers 200.
+
+    ``port`` 0 lets the server pick a free one (reported through its ready file), so parallel sessions never race
+    for a port; a non-loopback ``host`` needs ``allow_remote_bind``.
+    """
+    check_bind_host(host, allow_remote_bind)
     checkpoint = Path(checkpoint)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -200,9 +227,13 @@ def start_reference_server(
     ready_file.unlink(missing_ok=True)  # a stale one would point at a dead server
 
     cmd = [sys.executable, "-m", REFERENCE_MODULE, "--checkpoint", str(checkpoint), "--served-model-name", name,
-           "--host", host, "--port", "0", "--ready-file", str(ready_file)]
+           "--host", host, "--port", str(port), "--ready-file", str(ready_file)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if max_batch is not None:
+        cmd += ["--max-batch", str(max_batch)]
+    if allow_remote_bind:
+        cmd += ["--allow-remote-bind"]
     cmd += list(extra_args)
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])  # so `-m pytest_day0...` imports this very tree
@@ -210,6 +241,7 @@ def start_reference_server(
     env["PYTHONUNBUFFERED"] = "1"
 
     log_file = log_path.open("ab")
+    this_start = log_file.tell()  # where this start's lines begin
     log_file.write(f"$ {' '.join(cmd)}\n".encode())
     log_file.flush()
     try:
@@ -239,7 +271,12 @@ def start_reference_server(
     returncode = process.poll()
     _terminate_group(process, 2.0)
     log_file.close()
-    failure_class, reason = classify_server_exit(returncode, _tail(log_path))
+    log_text = _tail(log_path, start=this_start)
+    if port and returncode is not None and port_in_use(log_text):
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"{name}: port {port} on {host} is already in use "
+                        f"(another server holds it; pick another --port, or 0 for a free one)",
+                        log_path=str(log_path))
+    failure_class, reason = classify_server_exit(returncode, log_text)
     raise Day0Error(failure_class, f"{name}: {reason} (log: {log_path})", log_path=str(log_path),
                     returncode=returncode)
 

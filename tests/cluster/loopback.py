@@ -4,10 +4,16 @@ Tests that need it call :func:`cluster_or_skip`: they skip with the command to r
 fail instead when ``DAY0_REQUIRE_CLUSTER=1`` (``.ci/run`` sets it after starting the cluster), so CI can never
 pass by skipping them. Checks of what is left behind (``squeue``, processes) go around the code under test:
 the cluster is this machine, so they read SLURM and /proc directly.
+
+As root the suite starts the cluster itself when none answers, and then stops what it started when the session
+ends (tests/conftest.py, in the xdist controller only): the daemons that start recorded in ``started-by-tests``,
+once no other live test session uses the cluster (each registers a lease in ``sessions/``). A cluster found
+running (.ci/run's, or one a person started: start-cluster.sh run by hand drops the record) is left running.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -24,6 +30,9 @@ from filelock import FileLock
 
 BASE = Path(os.environ.get("SLURM_CI_BASE", "/tmp/day0-cluster"))
 START = "sudo bash tests/cluster/start-cluster.sh"
+STARTED_BY_TESTS = BASE / "started-by-tests"  # JSON {"daemons": [...]}: what a test session's start started
+LEASES = BASE / "sessions"  # one empty file per test session (its controller) that used the cluster
+SESSION_ENV = "SLURM_CI_TEST_SESSION"  # the controller's identity, inherited by its xdist workers
 
 
 @dataclass(frozen=True)
@@ -126,29 +135,108 @@ def find_cluster() -> tuple[LoopbackCluster | None, str]:
 
 _FOUND: list[tuple[LoopbackCluster | None, str]] = []
 START_SCRIPT = Path(__file__).with_name("start-cluster.sh")
+STOP_SCRIPT = Path(__file__).with_name("stop-cluster.sh")
+START_LOCK = Path(f"{BASE}.start.lock")
+
+
+def _identity(pid: int) -> str | None:
+    """``pid-starttime``: a process's name that a later process reusing the pid does not share."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else f"{pid}-{fields[19]}"
+
+
+def begin_test_session() -> None:
+    """In the controller: name this session for its workers (they inherit the environment)."""
+    os.environ[SESSION_ENV] = _identity(os.getpid()) or str(os.getpid())
+
+
+def _lease() -> Path | None:
+    session = os.environ.get(SESSION_ENV)
+    return LEASES / session if session else None
+
+
+def _live_leases() -> list[str]:
+    """Sessions whose controller still runs; leases of dead ones are removed."""
+    live = []
+    for lease in LEASES.glob("*") if LEASES.is_dir() else []:
+        pid = lease.name.split("-", 1)[0]
+        if pid.isdigit() and _identity(int(pid)) == lease.name:
+            live.append(lease.name)
+        else:
+            lease.unlink(missing_ok=True)
+    return live
 
 
 def start_and_find(why: str) -> tuple[LoopbackCluster | None, str]:
     """As root, run the tests' own start script (idempotent: ~1 s when up, its packages once on a fresh machine)
-    for this interpreter, so `pytest tests` in a fresh clone needs no separate step; one xdist worker does it."""
+    for this interpreter, so `pytest tests` in a fresh clone needs no separate step; one xdist worker does it.
+    The daemons it starts are recorded, so that the session stops them at its end (:func:`end_test_session`)."""
     if os.geteuid() != 0 or os.environ.get("DAY0_START_CLUSTER", "1") == "0":
         return None, why
-    with FileLock(str(Path(f"{BASE}.start.lock"))):
+    with FileLock(str(START_LOCK)):
         found = find_cluster()
         if found[0] is not None:
             return found
-        run = subprocess.run(["bash", str(START_SCRIPT)], capture_output=True, text=True, timeout=1200,
-                             env={**os.environ, "SLURM_CI_PYTHON": sys.executable})
+        BASE.mkdir(parents=True, exist_ok=True)
+        record = BASE / f".started.{os.getpid()}"
+        record.unlink(missing_ok=True)
+        try:
+            run = subprocess.run(["bash", str(START_SCRIPT)], capture_output=True, text=True, timeout=1200,
+                                 env={**os.environ, "SLURM_CI_PYTHON": sys.executable,
+                                      "SLURM_CI_STARTED": str(record), "SLURM_CI_BY_TESTS": "1"})
+        finally:  # a failed (or timed-out) start may have started some daemons: those are ours to stop too
+            daemons = record.read_text().split() if record.exists() else []
+            record.unlink(missing_ok=True)
+            if daemons:
+                known = json.loads(STARTED_BY_TESTS.read_text())["daemons"] if STARTED_BY_TESTS.exists() else []
+                STARTED_BY_TESTS.write_text(json.dumps({"daemons": sorted(set(known) | set(daemons))}) + "\n")
         if run.returncode != 0:
             tail = " | ".join((run.stdout + run.stderr).strip().splitlines()[-3:])
             return None, f"{why}; {START_SCRIPT.name} failed (exit {run.returncode}: {tail})"
         return find_cluster()
 
 
+def _use_cluster() -> tuple[LoopbackCluster | None, str]:
+    """Find (or start) the cluster with this session's lease taken under the start lock, so a session that
+    ends meanwhile sees it and does not stop the cluster under it."""
+    lease = _lease()
+    if lease is not None and os.geteuid() == 0:
+        with FileLock(str(START_LOCK)):
+            LEASES.mkdir(parents=True, exist_ok=True)
+            lease.touch()
+    found = find_cluster()
+    return found if found[0] is not None else start_and_find(found[1])
+
+
+def end_test_session() -> str | None:
+    """In the controller, after its workers are gone: stop what this suite's start started, unless another live
+    test session still uses it. Returns a line for the terminal, or None when this session never used it."""
+    lease = _lease()
+    if lease is None or not lease.exists():
+        return None
+    with FileLock(str(START_LOCK)):
+        lease.unlink(missing_ok=True)
+        if not STARTED_BY_TESTS.exists():
+            return f"loopback cluster ({BASE}) left running: this test suite did not start it"
+        others = _live_leases()
+        if others:
+            return f"loopback cluster ({BASE}) left running: {len(others)} other test session(s) still use it"
+        daemons = json.loads(STARTED_BY_TESTS.read_text())["daemons"]
+        run = subprocess.run(["bash", str(STOP_SCRIPT)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "SLURM_CI_ONLY": " ".join(daemons)})
+        if run.returncode != 0:
+            return f"loopback cluster ({BASE}): {STOP_SCRIPT.name} failed: {(run.stdout + run.stderr)[-500:]}"
+        STARTED_BY_TESTS.unlink()
+        return (f"loopback cluster ({BASE}) stopped: {', '.join(daemons)}, started by this test session "
+                "(`bash tests/cluster/stop-cluster.sh --purge` also removes its user, ACLs and files)")
+
+
 def cluster_or_skip() -> LoopbackCluster:
     if not _FOUND:
-        found = find_cluster()
-        _FOUND.append(found if found[0] is not None else start_and_find(found[1]))
+        _FOUND.append(_use_cluster())
     cluster, why = _FOUND[0]
     if cluster is None:
         message = f"loopback SLURM cluster unavailable: {why}; run `{START}`"

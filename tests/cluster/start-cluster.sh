@@ -4,11 +4,17 @@
 # daemons that are not running, and ends with a real job submitted over ssh. `.ci/run` calls it before
 # the test suite; tests find it through $BASE/cluster.env (tests/test_slurm_executor.py).
 # Adapted from a measured recipe: ~12 s from nothing to a finished job, ~1 s when already installed.
+# SLURM_CI_STARTED=FILE: append the name of each daemon this run starts to FILE, so the caller can stop exactly
+# those (.ci/run, and the test suite's own start in tests/cluster/loopback.py, which also sets SLURM_CI_BY_TESTS=1).
+# Any other start (a person, .ci/run) makes the cluster the caller's: the record that a test session started it
+# is dropped, so no test session stops it.
 set -euo pipefail
 umask 022
 
 BASE=${SLURM_CI_BASE:-/tmp/day0-cluster}
 SSH_PORT=${SLURM_CI_SSH_PORT:-2222}
+CTLD_PORT=${SLURM_CI_CTLD_PORT:-6817}
+SLURMD_PORT=${SLURM_CI_SLURMD_PORT:-6818}
 CI_USER=${SLURM_CI_USER:-slurmci}
 ACCT=${SLURM_CI_ACCOUNTING:-0}      # 1 = add slurmdbd + MariaDB (127.0.0.1:3307) so plain `sacct` works
 NODE=localhost                      # node name independent of `hostname`
@@ -17,10 +23,12 @@ MSOCK=$MUNGE/run/munge.socket.2 DBSOCK=$BASE/db/run/mysqld.sock
 export SLURM_CONF=$ETC/slurm.conf
 
 say()     { echo "[start-cluster] $*"; }
+started() { say "started $1"; if [ -n "${SLURM_CI_STARTED:-}" ]; then echo "$1" >> "$SLURM_CI_STARTED"; fi; }
 alive()   { [ -s "$1" ] && [ -r "/proc/$(cat "$1")/stat" ] && [ "$(awk '{print $3}' "/proc/$(cat "$1")/stat")" != Z ]; }  # zombie = dead
 waitfor() { local n=$1; shift; for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done; return 1; }
 
 [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 1; }
+if [ "${SLURM_CI_BY_TESTS:-0}" != 1 ]; then rm -f "$BASE/started-by-tests"; fi   # started (or adopted) by hand
 
 # ---- 1. packages (postinst must not start system services, e.g. sshd on :22)
 PKGS="munge slurmctld slurmd slurm-client openssh-server acl"
@@ -91,8 +99,8 @@ ClusterName=ci
 SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$MSOCK
@@ -173,6 +181,7 @@ if ! alive "$MUNGE/run/munged.pid"; then
   rm -f "$MSOCK" "$MSOCK.lock"
   runuser -u munge -- /usr/sbin/munged --socket="$MSOCK" --key-file="$MUNGE/etc/munge.key" \
     --pid-file="$MUNGE/run/munged.pid" --seed-file="$MUNGE/lib/munged.seed" --log-file="$MUNGE/log/munged.log"
+  started munged
 fi
 waitfor 20 sh -c "munge -n -S '$MSOCK' | unmunge -S '$MSOCK'" || { say "munged not working"; exit 1; }
 
@@ -180,19 +189,19 @@ if [ "$ACCT" = 1 ]; then
   install -d -o mysql -g mysql -m 750 "$DB" "$DB/data" "$DB/run"
   [ -d "$DB/data/mysql" ] || mariadb-install-db --no-defaults --user=mysql --datadir="$DB/data" \
       --skip-test-db --auth-root-authentication-method=socket > "$DB/install.log" 2>&1
-  alive "$DB/run/mariadbd.pid" || setsid -f /usr/sbin/mariadbd --no-defaults --user=mysql \
+  alive "$DB/run/mariadbd.pid" || { setsid -f /usr/sbin/mariadbd --no-defaults --user=mysql \
       --datadir="$DB/data" --socket="$DBSOCK" --port=3307 --bind-address=127.0.0.1 \
-      --pid-file="$DB/run/mariadbd.pid" --log-error="$DB/mariadbd.log" </dev/null >/dev/null 2>&1
+      --pid-file="$DB/run/mariadbd.pid" --log-error="$DB/mariadbd.log" </dev/null >/dev/null 2>&1; started mariadbd; }
   waitfor 60 mariadb --no-defaults --socket="$DBSOCK" -uroot -e 'select 1' || { say "mariadbd failed: $DB/mariadbd.log"; exit 1; }
   mariadb --no-defaults --socket="$DBSOCK" -uroot -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1'
       IDENTIFIED BY 'slurmpw'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
-  alive "$RUN/slurmdbd.pid" || /usr/sbin/slurmdbd         # reads slurmdbd.conf next to $SLURM_CONF
+  alive "$RUN/slurmdbd.pid" || { /usr/sbin/slurmdbd; started slurmdbd; }   # reads slurmdbd.conf next to $SLURM_CONF
   waitfor 60 sacctmgr -n list cluster || { say "slurmdbd not up, see $LOG/slurmdbd.log"; exit 1; }
 fi
 
-alive "$RUN/slurmctld.pid" || /usr/sbin/slurmctld
+alive "$RUN/slurmctld.pid" || { /usr/sbin/slurmctld; started slurmctld; }
 waitfor 40 scontrol ping || { say "slurmctld not up, see $LOG/slurmctld.log"; exit 1; }
-alive "$RUN/slurmd.pid" || /usr/sbin/slurmd -N "$NODE"
+alive "$RUN/slurmd.pid" || { /usr/sbin/slurmd -N "$NODE"; started slurmd; }
 
 node_idle() { sinfo -h -n "$NODE" -o %t | grep -Eqx "idle|mix|alloc"; }   # up (busy is fine on a re-run)
 if ! waitfor 40 node_idle; then
@@ -202,7 +211,7 @@ fi
 
 install -d -m 755 /run/sshd                   # privsep dir; normally created by systemd
 /usr/sbin/sshd -t -f "$SSHD/sshd_config"
-alive "$RUN/sshd.pid" || /usr/sbin/sshd -f "$SSHD/sshd_config" -E "$LOG/sshd.log"   # absolute path required
+alive "$RUN/sshd.pid" || { /usr/sbin/sshd -f "$SSHD/sshd_config" -E "$LOG/sshd.log"; started sshd; }   # absolute path required
 SSH=(ssh -p "$SSH_PORT" -i "$SSHD/client_key" -o BatchMode=yes -o IdentitiesOnly=yes
      -o UserKnownHostsFile="$SSHD/known_hosts" -o StrictHostKeyChecking=yes "$CI_USER@127.0.0.1")
 waitfor 20 "${SSH[@]}" 'sinfo -h -o %t | grep -Eqx "idle|mix|alloc"' || { say "ssh check failed, see $LOG/sshd.log"; exit 1; }

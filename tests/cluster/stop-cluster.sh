@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop what start-cluster.sh started (PID files only). --purge also deletes $BASE, the test user and the
-# traverse ACLs start-cluster.sh granted it.
+# traverse ACLs start-cluster.sh granted it. SLURM_CI_ONLY="sshd slurmd ..." stops only the daemons named (the
+# test suite stops the ones its own start started, tests/cluster/loopback.py).
 set -uo pipefail
 BASE=${SLURM_CI_BASE:-/tmp/day0-cluster}
 CI_USER=${SLURM_CI_USER:-slurmci}
@@ -9,9 +10,13 @@ say() { echo "[stop-cluster] $*"; }
 # running = exists and not a zombie (some container inits reap orphans only every ~2 s)
 running() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 
+ONLY=${SLURM_CI_ONLY:-}
+wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 stop() {  # stop <expected comm> <pidfile>
   local name=$1 pf=$2 pid
   [ -s "$pf" ] || { say "$name: no pidfile"; return 0; }
+  wanted "$name" || { say "$name: left running (not in SLURM_CI_ONLY)"; return 0; }
   pid=$(cat "$pf")
   if running "$pid" && [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$name" ]; then
     kill "$pid"
@@ -25,7 +30,7 @@ stop() {  # stop <expected comm> <pidfile>
 }
 
 # cancel remaining jobs through Slurm itself so slurmstepd/job processes end cleanly
-if [ -s "$BASE/run/slurmctld.pid" ] && running "$(cat "$BASE/run/slurmctld.pid")"; then
+if wanted slurmctld && [ -s "$BASE/run/slurmctld.pid" ] && running "$(cat "$BASE/run/slurmctld.pid")"; then
   jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
   if [ -n "${jobs// }" ]; then
     say "cancelling jobs: $jobs"; scancel $jobs
