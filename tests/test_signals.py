@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 def _servers_using(workdir: Path) -> list[int]:
     found = []
@@ -24,7 +26,9 @@ def _servers_using(workdir: Path) -> list[int]:
     return found
 
 
-def test_sigterm_stops_every_server_the_session_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signals", [1, 2], ids=["one SIGTERM", "two SIGTERMs"])
+def test_sigterm_stops_every_server_the_session_started(tmp_path: Path, signals: int) -> None:
+    """A second SIGTERM (an impatient CI runner) must not cut the session's cleanup short: it orphaned servers."""
     workdir = tmp_path / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "DAY0_", "GITHUB_"))}
     proc = subprocess.Popen(
@@ -38,6 +42,9 @@ def test_sigterm_stops_every_server_the_session_started(tmp_path: Path) -> None:
     assert _servers_using(workdir), "no server came up to be interrupted"
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
+    if signals == 2:
+        time.sleep(0.3)  # the cleanup is under way: stopping servers takes a grace period
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-2000:]
     deadline = time.time() + 15
