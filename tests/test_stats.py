@@ -214,10 +214,13 @@ def test_values_outside_unit_interval_are_rejected() -> None:
         paired_stats([(1.0, 1.0)], confidence=0.4)
 
 
-def test_mean_interval_is_the_betting_interval_of_one_side() -> None:
+def test_mean_interval_is_exact_for_one_side() -> None:
+    # 0/1 values: Clopper-Pearson (scipy.stats.beta.ppf(0.05, 200, 101) = 0.6191351218578728, .ppf(0.95, 201, 100))
     low, high = mean_interval([1.0] * 20)
-    assert high == 1.0 and 0.5 < low < 1 - 3 / 20  # never tighter than the exact rule of three allows
-    low, high = mean_interval([0.5, 0.25, 0.75, 1.0] * 10)
+    assert high == 1.0 and low == pytest.approx(0.05 ** (1 / 20), abs=1e-12)
+    low, high = mean_interval([1.0] * 200 + [0.0] * 100)
+    assert low == pytest.approx(0.6191351218578728, abs=1e-9) and high == pytest.approx(0.7117225139146159, abs=1e-9)
+    low, high = mean_interval([0.5, 0.25, 0.75, 1.0] * 10)  # fractional values: the betting interval
     assert low < 0.625 < high
     assert mean_interval([]) == (0.0, 1.0)
 

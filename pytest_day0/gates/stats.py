@@ -286,15 +286,57 @@ def paired_from_records(
 
 
 def mean_interval(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
-    """One-sided bounds of a single side's mean of values in [0, 1] (the same betting interval, fixed n)."""
+    """One-sided bounds of a single side's mean of values in [0, 1], exact at every n: Clopper-Pearson for 0/1
+    values (the tightest exact bounds of a proportion), the betting interval (fixed n) for any other values."""
     n = len(values)
     if n == 0:
         return (0.0, 1.0)
     z_value(confidence)
+    if all(v in (0, 1) for v in values):
+        return clopper_pearson(int(sum(values)), n, confidence)
     names = [str(i) for i in range(n)]
     x = np.array([values[int(i)] for i in evaluation_order(names)], dtype=np.float64)
     low, high = unit_interval(np.clip(x, 0.0, 1.0), confidence)
     return (max(0.0, low), min(1.0, high))
+
+
+def _binomial_cdf(k: int, n: int, p: float, log_choose: Array) -> float:
+    """P(X <= k), X ~ Binomial(n, p), summed in log space (``log_choose[j]`` = log C(n, j))."""
+    if k < 0:
+        return 0.0
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= n else 0.0
+    j = np.arange(k + 1, dtype=np.float64)
+    log_pmf = log_choose[: k + 1] + j * math.log(p) + (n - j) * math.log1p(-p)
+    top = float(log_pmf.max())
+    return min(1.0, math.exp(top) * float(np.exp(log_pmf - top).sum()))
+
+
+def clopper_pearson(successes: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """One-sided ``confidence`` Clopper-Pearson bounds of a proportion: the p at which observing at most (at
+    least) ``successes`` has probability 1 - confidence."""
+    alpha = 1 - confidence
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+    log_choose = log_factorial[n] - log_factorial - log_factorial[::-1]
+
+    def solve(target: int, upper: bool) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            # upper bound: P(X <= k; p) = alpha; lower bound: P(X >= k; p) = 1 - P(X <= k - 1; p) = alpha
+            tail = (_binomial_cdf(target, n, mid, log_choose) if upper
+                    else 1 - _binomial_cdf(target - 1, n, mid, log_choose))
+            if (tail > alpha) == upper:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = 0.0 if successes == 0 else solve(successes, upper=False)
+    high = 1.0 if successes == n else solve(successes, upper=True)
+    return (low, high)
 
 
 # ---------------------------------------------------------------------------------------------- claims
