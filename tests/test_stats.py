@@ -40,6 +40,7 @@ from pytest_day0.gates.stats import (
     TEST_BETTING,
     TEST_BINARY,
     PairedStats,
+    _agree_passes,
     all_agree_bound,
     evaluation_order,
     interval_side,
@@ -52,6 +53,7 @@ from pytest_day0.gates.stats import (
     paired_from_records,
     paired_stats,
     samples_needed,
+    to_unit,
 )
 from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import TaskSpec
@@ -127,6 +129,8 @@ def test_all_agreeing_items_have_a_symmetric_interval_and_pass_from_the_bound_on
         s = paired_stats([(1.0, 1.0)] * n)
         assert s.ci_low == pytest.approx(-s.ci_high, abs=1e-9) and s.ci_high > 0
     assert paired_stats([(1.0, 1.0)] * N_STAR).ci_low >= -0.01 > paired_stats([(1.0, 1.0)] * (N_STAR - 1)).ci_low
+    # the bound is a threshold in n, not a lucky point: every count below fails, every count from it on passes
+    assert [n for n in range(1, 1000) if _agree_passes(n, to_unit(-0.01), 0.05)] == list(range(N_STAR, 1000))
     # any valid test needs log 20 / -log 0.99 = 298.07 agreeing items: the bet caps cost 16%
     assert math.ceil(math.log(20) / -math.log(0.99)) == 299 < N_STAR < 1.2 * 299
 
