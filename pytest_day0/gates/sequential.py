@@ -203,7 +203,7 @@ def _futile(paths: _Paths, name: str, at: int, task_size: int) -> Mask:
     The predictive distribution of the final mean given the items so far (flat prior on the mean, the plug-in
     variance as the per-item variance) is normal with the current mean and variance (R/N)^2 (var/R + var/t)
     (R items to come, N in all, t seen); the gap the capital needs at N with bets tuned for the horizon is
-    sqrt(2 var log(1/alpha) / N) (log K_N ~ lam N gap - log(1/alpha) at the tuned bet). A rule that stops only
+    sqrt(2 var log(1/alpha) / N) when the horizon is N. A rule that stops only
     when nothing is claimed makes no false claim; it can only lose decisions the full task would have made,
     which bench/sim_adaptive.py counts.
     """
@@ -218,7 +218,10 @@ def _futile(paths: _Paths, name: str, at: int, task_size: int) -> Mask:
         return done
     total = at + remaining
     spread = np.sqrt(var * (remaining / total) ** 2 * (1 / remaining + 1 / at))
-    target = m + side * np.sqrt(2 * var * level / total)  # the final mean must be past this
+    # the gap from m the final mean needs: log K_N ~ lam N gap - lam^2 N var / 2 >= log(1/alpha) at the bet
+    # lam = sqrt(2 log(1/alpha) / (H var)) tuned for the horizon H (= sqrt(2 var log(1/alpha) / N) when H = N)
+    horizon = paths.horizon
+    target = m + side * np.sqrt(level * var / 2) * (math.sqrt(horizon) / total + 1 / math.sqrt(horizon))
     z = (mean - target) * side / spread
     probability = 0.5 * (1 + _erf(z / math.sqrt(2)))
     result: Mask = ~reached & (probability < FUTILITY_PROBABILITY)
@@ -246,7 +249,7 @@ def _decide_at(paths: _Paths, at: int, task_size: int) -> tuple[Array, Array]:
     reason = np.full(rows, 4)
     futile: dict[str, Mask] = {
         name: (np.ones(rows, dtype=bool) if exhausted else _futile(paths, name, at, task_size))
-              for name in paths.claims}
+        for name in paths.claims}
     floor_pending = est["regression"] & ~est["floor"] & ~futile["floor"] & (
         paths.mean[..., at - 1] < paths.claims["floor"][0])
     anomaly_pending = est["pass"] & ~est["anomaly"] & ~futile["anomaly"] & (
