@@ -36,12 +36,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
+from pytest_day0.gates.betting import Side
 from pytest_day0.gates.outcome import GateOutcome, Status, breach_status
 from pytest_day0.gates.stats import (
     TEST_POINT,
     PairedStats,
     interval_side,
     minimum_detectable_effect,
+    one_sided_p,
     samples_needed,
 )
 from pytest_day0.scoring.records import TaskResult
@@ -204,6 +206,12 @@ class TaskComparison(BaseModel):
     drop_fraction_high: float | None = None
     mde_points: float | None = None  # minimum detectable effect at this n (80% power), own units
     samples_needed: int | None = None  # samples that would decide the quality gate if the observed rates held
+    # one-sided p-values of each claim at its exact limit (paired only; what family.py's session control reads):
+    # REGRESSION (H0: drop <= threshold), PASS (H0: drop >= threshold), the floor and the anomaly
+    p_regression: float | None = None
+    p_pass: float | None = None
+    p_floor: float | None = None
+    p_anomaly: float | None = None
 
 
 QualityDecider = Callable[[ScoreDelta, float], Decision]
@@ -309,6 +317,24 @@ def planning(d: ScoreDelta, threshold: float) -> tuple[float | None, int | None]
         return None, None
     width = d.scale[1] - d.scale[0]
     return minimum_detectable_effect(d.paired) * width, samples_needed(d.paired, delta_limit(d, threshold))
+
+
+def claim_p_values(d: ScoreDelta, threshold: float, floor: float, implausible_gain: float) -> dict[str, float | None]:
+    """The one-sided p-value of each claim at its exact limit, read from the same capital as the interval.
+
+    p <= 1 - confidence exactly when the interval is wholly past that limit, so a per-task decision and its
+    p-value never disagree; ``family.py`` adjusts them across the session's tasks.
+    """
+    if d.paired is None or not d.paired.differences:
+        return {"p_regression": None, "p_pass": None, "p_floor": None, "p_anomaly": None}
+    worse: Side = -1 if d.higher_is_better else 1  # the side of delta a drop lies on
+    better: Side = 1 if d.higher_is_better else -1
+    return {
+        "p_regression": one_sided_p(d.paired, delta_limit(d, threshold), worse),
+        "p_pass": one_sided_p(d.paired, delta_limit(d, threshold), better),
+        "p_floor": one_sided_p(d.paired, delta_limit(d, floor), worse),
+        "p_anomaly": one_sided_p(d.paired, better * implausible_gain, better),  # a gain fraction of the range
+    }
 
 
 def decide_quality_paired(d: ScoreDelta, threshold: float) -> Decision:
@@ -475,6 +501,7 @@ def compare_task(
     decider = quality or (decide_quality_paired if paired is not None else decide_quality)
     mde, needed = planning(d, threshold)
     width = spec.scale_range
+    p_values = claim_p_values(d, threshold, floor, implausible_gain)
     return TaskComparison(
         task=spec.name,
         recipe=recipe,
@@ -506,6 +533,7 @@ def compare_task(
         drop_fraction_high=d.drop_high_fraction if paired is not None else None,
         mde_points=mde,
         samples_needed=needed,
+        **p_values,
     )
 
 
@@ -542,6 +570,10 @@ def comparison_numbers(c: TaskComparison) -> dict[str, float | int | str | None]
         "confidence": c.confidence,
         "mde_points": c.mde_points,
         "samples_needed": c.samples_needed,
+        "p_regression": c.p_regression,
+        "p_pass": c.p_pass,
+        "p_floor": c.p_floor,
+        "p_anomaly": c.p_anomaly,
         "baseline": c.baseline,
         "candidate": c.candidate,
         "delta": c.delta,

@@ -1,54 +1,65 @@
 """Paired per-sample statistics: how sure are we that the candidate lost (or did not lose) quality?
 
-Pure and deterministic: plain numbers in, a frozen ``PairedStats`` out; the bootstrap uses a fixed seed so a
-re-run reproduces every digit. All values are in the per-item unit (a sample's correctness, 0..1, already
-averaged over its repeats); ``compare.py`` maps them onto the task's declared scale.
+Pure and deterministic: plain numbers in, a frozen ``PairedStats`` out. All values are in the per-item unit (a
+sample's correctness, 0..1, already averaged over its repeats); ``compare.py`` maps them onto the task's scale.
 
 Why paired: baseline and candidate answer the *same* items, and a quantized model agrees with its source on
-most of them. The variance of the per-item difference is then far smaller than that of two independent means
-(lm-eval #3831 applied an unpaired test to such data and lost most of its power).
+most of them. The variance of the per-item difference d = candidate - baseline is then far smaller than that of
+two independent means (lm-eval #3831 applied an unpaired test to such data and lost most of its power).
 
-Methods, chosen by the data:
+Why betting (``betting.py``): the interval of the mean of d must be right at *every* n, for *every* kind of
+per-item value (0/1, avg-of-N fractions, graded scores, pass@k). Asymptotic intervals are not: the paired
+bootstrap turned 20 agreeing avg-of-2 items plus one gain into "the candidate is not worse" and 3 items with 2
+lost into a certain 33-100 point drop; Tango's score interval (the old 0/1 path) claims a drop of at most 1 point
+after 268 agreeing items, where the exact one-sided bound needs 299 (a true 1-point drop shows no loss in 268
+items 6.8% of the time, more than the 5% claimed). The betting interval of Waudby-Smith & Ramdas (2024) holds
+for any distribution on [0, 1] at any n, and under optional stopping. d in [-1, 1] is mapped to (d + 1) / 2 in
+[0, 1]; the bets are tuned for the n at hand and the capital is read with its running maximum (Ville's
+inequality covers both). The cost of exactness is width: at large n the interval is about sqrt(2 ln 20) / 1.645
+= 1.49 times the normal-approximation one, so the same decision needs about 2.2 times the items; 347 agreeing
+items resolve a 1-point threshold (the exact minimum for any valid test is 299).
 
-* **0/1 items** (every per-item value is 0 or 1): Tango's score interval for a difference of paired
-  proportions (Tango 1998, Stat. Med. 17:891) and the exact two-sided McNemar p-value. A score interval stays
-  honest where a bootstrap or t interval collapses: 20 items that all agree give a bootstrap interval of
-  [0, 0] ("certain"), the score interval ±12 points. With few discordant items the asymptotic score bound can
-  exclude 0 where the exact test cannot (3 of 20 items lost, none gained: Tango says "at least 1.3 points",
-  exact McNemar one-sided p = 0.125), so the interval is *guarded*: a side that the exact one-sided McNemar
-  test cannot establish at the same confidence is extended to 0. The guarded interval contains Tango's, so it
-  is never less conservative; no verdict rests on a handful of flipped items.
-* **anything else** (avg-of-N fractions, graded metrics): a paired percentile bootstrap over items, seeded.
-  When every paired difference is identical the resamples cannot show variation they never saw, so the
-  interval is widened to the score interval for zero disagreements among n items.
+Items are processed in a fixed pseudo-random order (``evaluation_order``: a keyed hash of the item id, the order
+the sequential chain evaluates them in). The capital process is a supermartingale only if the items arrive in
+an order unrelated to their values; a task file sorted by difficulty would otherwise put all losses first.
+The estimand is the superpopulation mean: the task's items are taken as an iid sample of the items that could
+have been asked, the same view any interval of a benchmark score takes.
 
 ``confidence`` is the one-sided confidence of each bound (default 0.95): a PASS ("the drop is at most the
 threshold") and a REGRESSION ("the drop exceeds it") are each claimed at 95%, the two one-sided tests of
-equivalence testing (Schuirmann's TOST); the pair of bounds is a two-sided 90% interval.
+equivalence testing (Schuirmann's TOST); the pair of bounds is a two-sided 90% interval. ``one_sided_p`` gives
+the p-value of each claim at an exact limit (what the family-wise control in ``family.py`` reads).
+
+For 0/1 items the two-sided exact McNemar p-value (evidence of *any* change) is kept as a descriptive number;
+no decision reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from statistics import NormalDist
 
-from pydantic import BaseModel, ConfigDict
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.gates import betting
+from pytest_day0.gates.betting import Array, Side
 from pytest_day0.scoring.records import SampleRecord
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_POWER = 0.80
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 20240601
+ORDER_SEED = 20240601
 MAX_SAMPLES_NEEDED = 10_000_000
-TEST_BINARY = "paired score CI (Tango, exact-guarded) + exact McNemar"
-TEST_BOOTSTRAP = "paired bootstrap"
+TEST_BETTING = "paired betting CI (Waudby-Smith & Ramdas 2024)"
+TEST_BINARY = f"{TEST_BETTING} + exact McNemar"
 TEST_POINT = "point estimate"
 _EPS = 1e-12
 _MAX_NAMED = 5
+_PLANNING_GRID = 2048  # the empirical distribution is binned this finely when projecting to more items
 
 
 class PairedStats(BaseModel):
@@ -61,17 +72,19 @@ class PairedStats(BaseModel):
     mean_baseline: float
     mean_candidate: float
     delta: float  # candidate - baseline
-    ci_low: float  # of delta
+    ci_low: float  # of delta, one-sided ``confidence`` lower bound
     ci_high: float
     confidence: float  # one-sided, of each bound
     test: str
-    p_value: float | None = None  # exact McNemar (0/1 items only)
+    p_value: float | None = None  # exact two-sided McNemar (0/1 items only; descriptive, no decision reads it)
     gains: int | None = None  # 0/1 items: baseline wrong, candidate right
     losses: int | None = None  # 0/1 items: baseline right, candidate wrong
     sd: float  # per-item standard deviation of the differences
-    resamples: int | None = None  # bootstrap only
-    seed: int | None = None
+    horizon: int = 0  # the n the bets were tuned for (the number of pairs, or the sequential plan's size)
+    seed: int = ORDER_SEED  # of the evaluation order
     left_out: int = 0  # pairs where a side has no score (errored); the run gate reports those
+    # the per-item differences in evaluation order: what the p-values and the planning numbers are computed from
+    differences: tuple[float, ...] = Field(default=(), exclude=True, repr=False)
 
     @property
     def interval_level(self) -> float:
@@ -84,7 +97,7 @@ class PairedStats(BaseModel):
 
     @property
     def se(self) -> float:
-        """Effective standard error: half the interval over z (never 0 for a finite n, see the guard)."""
+        """Effective standard error: half the interval over z (for plots and reports; no decision reads it)."""
         return (self.ci_high - self.ci_low) / (2 * self.z)
 
 
@@ -139,49 +152,24 @@ def _check_values(pairs: Sequence[tuple[float, float]]) -> None:
                 )
 
 
-# ---------------------------------------------------------------------------------------------- 0/1 items
+def order_key(item_id: str, seed: int = ORDER_SEED) -> bytes:
+    """A keyed hash of an item id: sorting by it is a fixed pseudo-random order unrelated to any outcome."""
+    return hashlib.blake2b(f"{seed}:{item_id}".encode(), digest_size=16).digest()
 
 
-def _tango_z(gains: float, losses: float, n: float, d0: float) -> float:
-    """Tango's score statistic for H0: delta = d0 (delta = (gains - losses) / n)."""
-    w = -gains - losses + (2 * n - gains + losses) * d0
-    q = (math.sqrt(max(w * w + 8 * n * losses * d0 * (1 - d0), 0.0)) - w) / (4 * n)  # restricted MLE of P(loss)
-    var = n * (2 * q + d0 - d0 * d0)
-    num = gains - losses - n * d0
-    if var <= _EPS * n:
-        return 0.0 if abs(num) <= _EPS * n else math.copysign(math.inf, num)
-    return num / math.sqrt(var)
+def evaluation_order(item_ids: Iterable[str], seed: int = ORDER_SEED) -> list[str]:
+    """The order items are evaluated (sequential chain) and processed (fixed-n) in; an added id keeps the others'
+    relative order."""
+    return sorted(item_ids, key=lambda i: order_key(i, seed))
 
 
-def score_interval(
-    gains: float, losses: float, n: float, confidence: float = DEFAULT_CONFIDENCE
-) -> tuple[float, float]:
-    """Lower and upper one-sided ``confidence`` bounds of (gains - losses) / n; counts may be fractional."""
-    if n <= 0:
-        return (-1.0, 1.0)
-    z = z_value(confidence)
-    point = (gains - losses) / n
-
-    def solve(lo: float, hi: float, target: float) -> float:
-        # Z is decreasing in d0: find d0 with Z(d0) = target between lo and hi
-        for _ in range(60):  # 2 / 2**60: below float resolution of a proportion
-            mid = (lo + hi) / 2
-            if _tango_z(gains, losses, n, mid) > target:
-                lo = mid
-            else:
-                hi = mid
-        return (lo + hi) / 2
-
-    low = -1.0 if point <= -1 + _EPS else solve(-1.0, point, z)
-    high = 1.0 if point >= 1 - _EPS else solve(point, 1.0, -z)
-    return (max(-1.0, min(low, point)), min(1.0, max(high, point)))
+def to_unit(delta: float) -> float:
+    """A per-item difference in [-1, 1] as the [0, 1] variable the betting interval is built for."""
+    return (delta + 1) / 2
 
 
-def binomial_upper_tail(k: int, m: int) -> float:
-    """P(X >= k) for X ~ Binomial(m, 1/2), exact."""
-    if k <= 0:
-        return 1.0
-    return min(1.0, sum(math.comb(m, i) for i in range(k, m + 1)) / (1 << m))
+def from_unit(x: float) -> float:
+    return 2 * x - 1
 
 
 def mcnemar_exact(gains: int, losses: int) -> float:
@@ -194,119 +182,82 @@ def mcnemar_exact(gains: int, losses: int) -> float:
     return min(1.0, 2 * tail / (1 << m))
 
 
-def _binary_stats(pairs: Sequence[tuple[float, float]], confidence: float) -> PairedStats:
-    gains = sum(1 for b, c in pairs if b == 0 and c == 1)
-    losses = sum(1 for b, c in pairs if b == 1 and c == 0)
-    return binary_stats(gains, losses, len(pairs), int(sum(b for b, _ in pairs)), confidence)
+# ---------------------------------------------------------------------------------------------- the interval
 
 
-def binary_stats(
-    gains: int, losses: int, n: int, baseline_right: int, confidence: float = DEFAULT_CONFIDENCE
-) -> PairedStats:
-    """The 0/1 comparison from its counts alone (what the simulation tests drive directly)."""
-    delta = (gains - losses) / n
-    low, high = score_interval(gains, losses, n, confidence)
+def _units(stats: PairedStats) -> Array:
+    return (np.asarray(stats.differences, dtype=np.float64) + 1) / 2
+
+
+def unit_interval(x: Array, confidence: float, horizon: int | None = None) -> tuple[float, float]:
+    """One-sided ``confidence`` lower and upper bounds of the mean of ``x`` in [0, 1] (fixed-n: bets tuned for n)."""
     alpha = 1 - confidence
-    if binomial_upper_tail(losses, gains + losses) > alpha:  # the exact test cannot show the candidate is lower
-        high = max(high, 0.0)
-    if binomial_upper_tail(gains, gains + losses) > alpha:  # ... nor that it is higher
-        low = min(low, 0.0)
-    return PairedStats(
-        n=n,
-        binary=True,
-        mean_baseline=baseline_right / n,
-        mean_candidate=(baseline_right - losses + gains) / n,
-        delta=delta,
-        ci_low=low,
-        ci_high=high,
-        confidence=confidence,
-        test=TEST_BINARY,
-        p_value=mcnemar_exact(gains, losses),
-        gains=gains,
-        losses=losses,
-        sd=math.sqrt(max((gains + losses) / n - delta * delta, 0.0)),
-    )
-
-
-# ---------------------------------------------------------------------------------------------- other items
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default)."""
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def bootstrap_mean_interval(
-    values: Sequence[float], confidence: float, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
-) -> tuple[float, float]:
-    """Percentile bootstrap of a mean, one-sided ``confidence`` bounds, widened where no variation was seen."""
-    n = len(values)
-    mean = sum(values) / n
-    rng = random.Random(seed)
-    means = sorted(math.fsum(rng.choices(values, k=n)) / n for _ in range(resamples))
-    low = min(_percentile(means, 1 - confidence), mean)
-    high = max(_percentile(means, confidence), mean)
-    guard = zero_variation_halfwidth(n, confidence)
-    if high - low < _EPS:  # every value identical: no resample can show the spread an unseen item could have
-        low, high = mean - guard, mean + guard
-    return (max(low, -1.0), min(high, 1.0))
-
-
-def zero_variation_halfwidth(n: int, confidence: float) -> float:
-    """The score bound when none of n items disagreed: z² / (n + z²) (the 'rule of three' of score intervals)."""
-    z2 = z_value(confidence) ** 2
-    return z2 / (n + z2)
-
-
-def _bootstrap_stats(
-    pairs: Sequence[tuple[float, float]], confidence: float, resamples: int, seed: int
-) -> PairedStats:
-    n = len(pairs)
-    deltas = [c - b for b, c in pairs]
-    delta = math.fsum(deltas) / n
-    low, high = bootstrap_mean_interval(deltas, confidence, resamples=resamples, seed=seed)
-    sd = math.sqrt(math.fsum((d - delta) ** 2 for d in deltas) / (n - 1)) if n > 1 else 0.0
-    return PairedStats(
-        n=n,
-        binary=False,
-        mean_baseline=math.fsum(b for b, _ in pairs) / n,
-        mean_candidate=math.fsum(c for _, c in pairs) / n,
-        delta=delta,
-        ci_low=low,
-        ci_high=high,
-        confidence=confidence,
-        test=f"{TEST_BOOTSTRAP} ({resamples} resamples, seed {seed})",
-        sd=sd,
-        resamples=resamples,
-        seed=seed,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- entry points
+    bets = betting.plugin_bets(x, alpha, horizon if horizon is not None else len(x))
+    mean = float(x.mean())
+    low = min(betting.lower_bound(x, bets, alpha), mean)  # the interval always holds the estimate (see p_value)
+    high = max(betting.upper_bound(x, bets, alpha), mean)
+    return low, high
 
 
 def paired_stats(
     pairs: Sequence[tuple[float, float]],
     confidence: float = DEFAULT_CONFIDENCE,
     *,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
+    ids: Sequence[str] | None = None,
+    seed: int = ORDER_SEED,
+    in_order: bool = False,
+    horizon: int | None = None,
     left_out: int = 0,
     task: str = "?",
 ) -> PairedStats:
-    """The paired comparison of (baseline, candidate) per-item values in [0, 1]; see the module docstring."""
+    """The paired comparison of (baseline, candidate) per-item values in [0, 1]; see the module docstring.
+
+    ``ids`` name the items (default: their positions) and set the evaluation order; ``in_order`` takes the pairs
+    as already in evaluation order (a seeded permutation the caller drew, as the sequential chain does).
+    ``horizon`` is the n the bets are tuned for (default: the number of pairs; the sequential chain's plan).
+    """
     z_value(confidence)
     if not pairs:
         raise Day0Error(FailureClass.SAMPLE_ACCOUNTING_FAILED, f"{task}: no item was scored on both sides")
     _check_values(pairs)
-    if all(b in (0, 1) and c in (0, 1) for b, c in pairs):
-        stats = _binary_stats(pairs, confidence)
+    if in_order:
+        ordered = list(pairs)
     else:
-        stats = _bootstrap_stats(pairs, confidence, resamples, seed)
-    return stats.model_copy(update={"left_out": left_out}) if left_out else stats
+        names = list(ids) if ids is not None else [str(i) for i in range(len(pairs))]
+        if len(names) != len(pairs) or len(set(names)) != len(names):
+            raise Day0Error(FailureClass.SAMPLE_ACCOUNTING_FAILED,
+                            f"{task}: item ids are not one distinct id per pair")
+        position = {name: i for i, name in enumerate(names)}
+        ordered = [pairs[position[name]] for name in evaluation_order(names, seed)]
+    n = len(ordered)
+    horizon = horizon or n
+    d = np.array([c - b for b, c in ordered], dtype=np.float64)
+    low, high = unit_interval((d + 1) / 2, confidence, horizon)
+    delta = float(d.mean())
+    binary = all(b in (0, 1) and c in (0, 1) for b, c in ordered)
+    gains = losses = None
+    if binary:
+        gains = sum(1 for b, c in ordered if b == 0 and c == 1)
+        losses = sum(1 for b, c in ordered if b == 1 and c == 0)
+    return PairedStats(
+        n=n,
+        binary=binary,
+        mean_baseline=math.fsum(b for b, _ in ordered) / n,
+        mean_candidate=math.fsum(c for _, c in ordered) / n,
+        delta=delta,
+        ci_low=max(-1.0, from_unit(low)),
+        ci_high=min(1.0, from_unit(high)),
+        confidence=confidence,
+        test=TEST_BINARY if binary else TEST_BETTING,
+        p_value=mcnemar_exact(gains, losses) if gains is not None and losses is not None else None,
+        gains=gains,
+        losses=losses,
+        sd=float(d.std(ddof=1)) if n > 1 else 0.0,
+        horizon=horizon,
+        seed=seed,
+        left_out=left_out,
+        differences=tuple(float(v) for v in d),
+    )
 
 
 def paired_from_records(
@@ -314,8 +265,7 @@ def paired_from_records(
     candidate: Sequence[SampleRecord],
     confidence: float = DEFAULT_CONFIDENCE,
     *,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
+    seed: int = ORDER_SEED,
 ) -> PairedStats:
     """Records -> per-item means (repeats averaged) -> pairs by id -> PairedStats.
 
@@ -330,80 +280,189 @@ def paired_from_records(
         sides.append({i: scored.get(i) for i in ids})  # None: the item errored on this side
     base, cand = sides
     pair_items({i: 0.0 for i in base}, {i: 0.0 for i in cand}, task=task)  # accounting first: ids, then errors
-    pairs = [(b, c) for b, c in ((base[i], cand[i]) for i in base) if b is not None and c is not None]
-    left_out = len(base) - len(pairs)
-    return paired_stats(
-        pairs,
-        confidence,
-        resamples=resamples,
-        seed=seed,
-        left_out=left_out,
-        task=task,
-    )
+    kept = [i for i in base if base[i] is not None and cand[i] is not None]
+    pairs = [(float(base[i]), float(cand[i])) for i in kept]  # type: ignore[arg-type]
+    return paired_stats(pairs, confidence, ids=kept, seed=seed, left_out=len(base) - len(kept), task=task)
 
 
 def mean_interval(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
-    """One-sided bounds of a single side's mean (Wilson score for 0/1 items, bootstrap otherwise)."""
+    """One-sided bounds of a single side's mean of values in [0, 1], exact at every n: Clopper-Pearson for 0/1
+    values (the tightest exact bounds of a proportion), the betting interval (fixed n) for any other values."""
     n = len(values)
     if n == 0:
         return (0.0, 1.0)
-    mean = math.fsum(values) / n
+    z_value(confidence)
     if all(v in (0, 1) for v in values):
-        z = z_value(confidence)
-        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-        half = z / (1 + z * z / n) * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
-        return (max(0.0, min(centre - half, mean)), min(1.0, max(centre + half, mean)))
-    low, high = bootstrap_mean_interval(list(values), confidence)
-    return (max(low, 0.0), min(high, 1.0))
+        return clopper_pearson(int(sum(values)), n, confidence)
+    names = [str(i) for i in range(n)]
+    x = np.array([values[int(i)] for i in evaluation_order(names)], dtype=np.float64)
+    low, high = unit_interval(np.clip(x, 0.0, 1.0), confidence)
+    return (max(0.0, low), min(1.0, high))
+
+
+def _binomial_cdf(k: int, n: int, p: float, log_choose: Array) -> float:
+    """P(X <= k), X ~ Binomial(n, p), summed in log space (``log_choose[j]`` = log C(n, j))."""
+    if k < 0:
+        return 0.0
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= n else 0.0
+    j = np.arange(k + 1, dtype=np.float64)
+    log_pmf = log_choose[: k + 1] + j * math.log(p) + (n - j) * math.log1p(-p)
+    top = float(log_pmf.max())
+    return min(1.0, math.exp(top) * float(np.exp(log_pmf - top).sum()))
+
+
+def clopper_pearson(successes: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """One-sided ``confidence`` Clopper-Pearson bounds of a proportion: the p at which observing at most (at
+    least) ``successes`` has probability 1 - confidence."""
+    alpha = 1 - confidence
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+    log_choose = log_factorial[n] - log_factorial - log_factorial[::-1]
+
+    def solve(target: int, upper: bool) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            # upper bound: P(X <= k; p) = alpha; lower bound: P(X >= k; p) = 1 - P(X <= k - 1; p) = alpha
+            tail = (_binomial_cdf(target, n, mid, log_choose) if upper
+                    else 1 - _binomial_cdf(target - 1, n, mid, log_choose))
+            if (tail > alpha) == upper:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = 0.0 if successes == 0 else solve(successes, upper=False)
+    high = 1.0 if successes == n else solve(successes, upper=True)
+    return (low, high)
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+
+def one_sided_p(stats: PairedStats, limit: float, side: Side) -> float:
+    """The p-value of a claim about delta at an exact ``limit`` (per-item unit), from the interval's own capital.
+
+    side -1: H0 "delta >= limit", whose rejection says the candidate is below the limit (REGRESSION at
+    -threshold, CATASTROPHIC at -floor for a higher-is-better task); side +1: H0 "delta <= limit" (PASS at
+    -threshold, ANOMALOUS at +implausible_gain). p <= 1 - confidence exactly when the interval is wholly past
+    the limit. Needs ``stats.differences`` (set by ``paired_stats``).
+    """
+    if not stats.differences:
+        raise ValueError("one_sided_p needs the per-item differences (a PairedStats from paired_stats)")
+    x = _units(stats)
+    bets = betting.plugin_bets(x, 1 - stats.confidence, stats.horizon or len(x))
+    return betting.p_value(x, to_unit(limit), side, bets)
+
+
+def _decides_now(stats: PairedStats, limit: float, eps: float = 1e-9) -> bool:
+    """Wholly past ``limit`` by more than ``interval_side``'s slack, whichever way the task's scale runs."""
+    return stats.ci_low > limit + eps or stats.ci_high < limit - eps
 
 
 # ---------------------------------------------------------------------------------------------- planning
 
 
 def minimum_detectable_effect(stats: PairedStats, power: float = DEFAULT_POWER) -> float:
-    """The distance from a limit that this n resolves with ``power`` (per-item unit): (z_conf + z_power) · SE."""
-    return (stats.z + NormalDist().inv_cdf(power)) * stats.se
+    """The distance from a limit this n resolves with ``power`` (per-item unit), read off the rule's own interval:
+    half its width (the gap it decides at) plus z_power standard errors of the mean difference."""
+    return (stats.ci_high - stats.ci_low) / 2 + NormalDist().inv_cdf(power) * stats.sd / math.sqrt(stats.n)
 
 
-def _decides(stats: PairedStats, n: float, limit: float) -> bool:
-    """Would the interval at ``n`` items (same observed rates) lie wholly on one side of ``limit``?"""
-    if stats.binary:
-        k = n / stats.n
-        low, high = score_interval((stats.gains or 0) * k, (stats.losses or 0) * k, n, stats.confidence)
-    else:
-        half = (stats.z * stats.sd / math.sqrt(n) if stats.sd > 0
-                else zero_variation_halfwidth(round(n), stats.confidence))
-        low, high = stats.delta - half, stats.delta + half
-    return low >= limit or high <= limit  # boundary ties do not matter for a planning estimate
+class _Projection:
+    """The decision rule at a larger n if the items seen so far were typical: the same bets, now tuned for the
+    larger horizon, replayed on the observed items, then the expected log growth of the items still to come."""
+
+    def __init__(self, stats: PairedStats, limit: float) -> None:
+        self.x = _units(stats)
+        self.n = len(self.x)
+        self.alpha = 1 - stats.confidence
+        self.level = betting.log_threshold(self.alpha)
+        self.m = to_unit(limit)
+        mean = float(self.x.mean())
+        self.side: Side = 1 if mean > self.m else -1
+        t = np.arange(1, self.n + 1, dtype=np.float64)
+        mu = (betting.PRIOR_WEIGHT * betting.PRIOR_MEAN + np.cumsum(self.x)) / (t + betting.PRIOR_WEIGHT)
+        self.squares = betting.PRIOR_WEIGHT * betting.PRIOR_VARIANCE + float(np.sum((self.x - mu) ** 2))
+        self.spread = float(np.mean((self.x - mean) ** 2))  # what each further item adds to the variance sum
+        values, counts = np.unique(np.round(self.x * _PLANNING_GRID) / _PLANNING_GRID, return_counts=True)
+        self.values = values.astype(np.float64)
+        self.weights = counts / counts.sum()
+
+    def decides(self, total: int) -> bool:
+        bets = betting.plugin_bets(self.x, self.alpha, total)
+        path = betting.log_capital(self.x, self.m, self.side, bets)
+        if max(float(path.max()), 0.0) >= self.level:
+            return True
+        log_k = float(path[-1])
+        start = self.n
+        # the future in up to 48 geometric blocks; each block bets like its first item (the bet shrinks with t)
+        edges = np.unique(np.geomspace(start + 1, total + 1, num=49).astype(np.int64))
+        for a, b in itertools.pairwise(edges.tolist()):
+            var = (self.squares + (a - 1 - start) * self.spread) / (a - 1 + betting.PRIOR_WEIGHT)
+            lam = math.sqrt(2 * self.level / (max(var, _EPS) * total))
+            limit = self.m if self.side > 0 else 1 - self.m
+            if limit > 0:
+                lam = min(lam, betting.BET_CAP / limit)
+            growth = float(np.dot(self.weights, np.log1p(self.side * lam * (self.values - self.m))))
+            log_k += (b - a) * growth
+            if log_k >= self.level:
+                return True
+        return False
 
 
 def samples_needed(stats: PairedStats, limit: float) -> int | None:
-    """Items needed for the interval to exclude ``limit`` (a delta, per-item unit) if the observed rates held.
+    """Items needed for the interval to exclude ``limit`` (a delta, per-item unit) if the observed items are typical.
 
-    None when no finite number decides: the estimate sits on the limit. Capped at ``MAX_SAMPLES_NEEDED``.
+    The same rule the decision uses, projected (``_Projection``): n when it decides now; otherwise the smallest
+    larger count at which it would, so "evaluate N more" is never at or below what was already evaluated. None
+    when no count decides (the estimate sits on the limit); capped at ``MAX_SAMPLES_NEEDED``.
     """
-    if abs(stats.delta - limit) <= _EPS:
-        return None
-    if _decides(stats, stats.n, limit):
+    if _decides_now(stats, limit):
         return stats.n
-    # start from the normal approximation (n · (z·SE / gap)²), then bracket and bisect on the real interval
-    gap = abs(stats.delta - limit)
-    guess = stats.n * (stats.z * max(stats.se, _EPS) / gap) ** 2
-    lo = max(stats.n, min(int(guess / 2), MAX_SAMPLES_NEEDED // 2))
-    while lo > stats.n and _decides(stats, lo, limit):
-        lo = max(stats.n, lo // 2)
-    hi = max(lo * 2, stats.n + 1)
-    while not _decides(stats, hi, limit):
+    if abs(stats.delta - limit) <= _EPS or not stats.differences:
+        return None
+    projection = _Projection(stats, limit)
+    lo, step = stats.n, 1
+    hi = stats.n + step
+    while not projection.decides(hi):
         if hi >= MAX_SAMPLES_NEEDED:
             return MAX_SAMPLES_NEEDED
-        lo, hi = hi, min(hi * 2, MAX_SAMPLES_NEEDED)
+        lo, step = hi, step * 2
+        hi = min(stats.n + step, MAX_SAMPLES_NEEDED)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _decides(stats, mid, limit):
+        if projection.decides(mid):
             hi = mid
         else:
             lo = mid
     return hi
+
+
+def all_agree_bound(threshold: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
+    """The fewest items that, all agreeing, show a drop of at most ``threshold`` (> 0): below it no PASS rests on
+    agreement alone. 347 for 1 point at 95% (the exact minimum for any valid test: log 20 / -log 0.99 = 299)."""
+    if threshold <= 0:
+        raise ValueError("with threshold 0 no number of agreeing items shows that nothing was lost")
+    limit = to_unit(-threshold)
+    alpha = 1 - confidence
+    lo, hi = 1, 2
+    while not _agree_passes(hi, limit, alpha):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _agree_passes(mid, limit, alpha):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _agree_passes(n: int, limit: float, alpha: float) -> bool:
+    x = np.full(n, 0.5)
+    return float(betting.max_log_capital(x, limit, 1, betting.plugin_bets(x, alpha, n))) >= betting.log_threshold(alpha)
 
 
 def interval_side(low: float, high: float, limit: float, eps: float = 1e-9) -> str:
