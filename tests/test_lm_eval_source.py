@@ -248,13 +248,13 @@ def test_lm_eval_folders_gate_to_a_verdict(pytester: pytest.Pytester, tmp_path: 
     by_task = {c["task"]: c for c in verdict["comparisons"]}
     arc, gsm = by_task["arc_easy"], by_task["gsm8k"]
     assert arc["n"] == 400 and arc["stat"] == "paired" and arc["quality"]["passed"]
-    assert arc["ci_low"] < 0 < arc["ci_high"] and arc["test"].startswith("paired score CI")
+    assert arc["ci_low"] < 0 < arc["ci_high"] and arc["test"].startswith("paired betting CI")
     assert gsm["delta"] == pytest.approx(-25 / 300) and gsm["ci_high"] < -0.01
     assert gsm["quality"]["failure_class"] == "REGRESSION" and gsm["floor"]["passed"]  # not surely past 10 points
     assert gsm["p_value"] == pytest.approx(2 / 2**25)  # exact McNemar: 25 losses, no gains
     # the terminal table: interval, n, test and decision per task
     row = next(line for line in out.splitlines() if line.strip().startswith("gsm8k"))
-    assert "[-0.1" in row and " 300 " in row and "McNemar p=" in row and row.rstrip().endswith("REGRESSION")
+    assert "[-0.1" in row and " 300 " in row and " betting " in row and row.rstrip().endswith("REGRESSION")
     assert "plot (Δ with its interval per task)" in out and (pytester.path / "ws" / "delta.svg").is_file()
     # nothing was served and no PTQ ran: those gates skip, they do not fail
     assert result.parseoutcomes() == {"passed": 11, "skipped": 8, "warned": 1}
@@ -263,7 +263,7 @@ def test_lm_eval_folders_gate_to_a_verdict(pytester: pytest.Pytester, tmp_path: 
     case = next(c for c in tree.iter("testcase") if c.get("name") == "test_quality[fp8-gsm8k]")
     props = {p.get("name"): p.get("value") or "" for p in case.iter("property")}
     assert props["decision"] == "REGRESSION" and props["n"] == "300" and props["stat"] == "paired"
-    assert float(props["ci_high"]) < 0 and props["test"].startswith("paired score CI") and "p_value" in props
+    assert float(props["ci_high"]) < 0 and props["test"].startswith("paired betting CI") and "p_value" in props
 
 
 def test_lm_eval_with_few_samples_is_inconclusive(pytester: pytest.Pytester, tmp_path: Path) -> None:

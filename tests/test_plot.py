@@ -39,10 +39,10 @@ def parse(svg: str) -> ET.Element:
 
 def test_rows_colours_and_limit_lines() -> None:
     rows = [
-        comp("ok", [1.0] * 300, [1.0] * 300),  # PASS at 0
+        comp("ok", [1.0] * 400, [1.0] * 400),  # PASS at 0 (347 agreeing items is the least that can)
         comp("few", [1.0] * 20, [1.0] * 20),  # INCONCLUSIVE
         comp("worse", [1.0] * 1000, [0.0] * 80 + [1.0] * 920),  # REGRESSION, 8 points
-        comp("tau", [1.0] * 300, [1.0] * 300, scale=(0, 1)),  # another scale, same axis
+        comp("tau", [1.0] * 400, [1.0] * 400, scale=(0, 1)),  # another scale, same axis
     ]
     root = parse(delta_svg(rows))
     assert root.tag == f"{NS}svg"
@@ -50,7 +50,7 @@ def test_rows_colours_and_limit_lines() -> None:
     assert {"fp8 / ok", "fp8 / few", "fp8 / worse", "fp8 / tau"} <= set(texts)
     labels = {t: next(x for x in texts if x.startswith("Δ") and x.endswith(t)) for t in
               ("PASS", "INCONCLUSIVE", "REGRESSION")}
-    assert "n=300" in labels["PASS"] and "[-0.9, +0.9]" in labels["PASS"] and "n=20" in labels["INCONCLUSIVE"]
+    assert "n=400" in labels["PASS"] and "[-0.9, +0.9]" in labels["PASS"] and "n=20" in labels["INCONCLUSIVE"]
     circles = list(root.iter(f"{NS}circle"))
     assert [c.get("fill") for c in circles] == [COLOURS["PASS"], COLOURS["INCONCLUSIVE"], COLOURS["REGRESSION"],
                                                COLOURS["PASS"]]

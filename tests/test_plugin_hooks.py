@@ -71,7 +71,8 @@ def test_sessions_in_one_process_share_nothing(pytester: pytest.Pytester, tmp_pa
     second = pytester.runpytest_inprocess(*_args(*clean, tmp_path / "ws-b"))
     a, b = _verdict_of(tmp_path / "ws-a"), _verdict_of(tmp_path / "ws-b")
     assert a["session"]["verdicts"][0]["decision"] == "REGRESSION"
-    assert b["session"]["verdicts"][0]["decision"] == "ACCEPT", second.stdout.str()[-2000:]
+    # 300 agreeing gsm8k docs are too few to show a drop under 1 point (347 would): undecided, not regressed
+    assert b["session"]["verdicts"][0]["decision"] == "INCONCLUSIVE", second.stdout.str()[-2000:]
     assert a["extra"]["session_id"] != b["extra"]["session_id"]
     assert len(b["extra"]["outcomes"]) == len(a["extra"]["outcomes"])  # none carried over from the first
     assert {o["nodeid"] for o in b["extra"]["outcomes"]} == {o["nodeid"] for o in a["extra"]["outcomes"]}

@@ -153,7 +153,7 @@ def test_chattier_candidate_is_verbosity_exceeded_in_a_session(
     pytester: pytest.Pytester, servers: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base_url, cand_url = servers
-    task = _task(pytester.path, 300)
+    task = _task(pytester.path, 400)
     ws = pytester.path / "ws"
     summary = pytester.path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
@@ -168,9 +168,9 @@ def test_chattier_candidate_is_verbosity_exceeded_in_a_session(
     assert v["decision"] == "REGRESSION" and v["failure_classes"] == ["VERBOSITY_EXCEEDED"], out
     assert v["recommendation"] == "do not publish fp8: VERBOSITY_EXCEEDED"
     assert result.ret == 0  # warn tier
-    # same answers on both sides: the paired comparison passes on the evidence of 300 agreeing samples
+    # same answers on both sides: the paired comparison passes on the evidence of 400 agreeing samples
     c = verdict["comparisons"][0]
-    assert c["quality"]["passed"] and c["n"] == 300 and c["p_value"] == 1.0 and c["ci_high"] < 0.9
+    assert c["quality"]["passed"] and c["n"] == 400 and c["p_value"] == 1.0 and c["ci_high"] < 0.9
     verb = next(o for o in verdict["extra"]["outcomes"] if o["gate"] == "verbosity")
     assert verb["status"] == "warned" and verb["failure_class"] == "VERBOSITY_EXCEEDED"
     assert verb["numbers"]["baseline_tokens"] == 1.0 and verb["numbers"]["candidate_tokens"] == 10.0
@@ -181,10 +181,10 @@ def test_chattier_candidate_is_verbosity_exceeded_in_a_session(
     assert skipped is not None and skipped.get("message", "").startswith("[VERBOSITY_EXCEEDED] add: mean completion")
     # pytest-json-report: the verdict first, the comparison's interval and test inside it
     report = json.loads((pytester.path / "day0.json").read_text())
-    assert next(iter(report)) == "day0" and report["day0"]["comparisons"][0]["test"].startswith("paired score CI")
+    assert next(iter(report)) == "day0" and report["day0"]["comparisons"][0]["test"].startswith("paired betting CI")
     assert result.parseoutcomes()["warned"] == 1  # shown as W / warned, not failed
     # the GitHub job summary: delta with its interval, n, the test, the decision, and the plot
     md = summary.read_text()
     row = next(line for line in md.splitlines() if line.startswith("| add |"))
-    assert "| [-0.9, +0.9] |" in row and "| 300 |" in row and "exact McNemar, p=1 |" in row
+    assert "| [-0.9, +0.9] |" in row and "| 400 |" in row and "exact McNemar, p=1 |" in row
     assert row.rstrip().endswith("| PASS |") and "Plot of Δ with its interval per task" in md

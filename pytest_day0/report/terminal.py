@@ -40,9 +40,7 @@ def test_cell(c: TaskComparison) -> str:
         return ""
     if c.stat == "point":
         return "point"
-    if c.p_value is not None:
-        return f"score/McNemar p={c.p_value:.2g}"
-    return "bootstrap" if "bootstrap" in c.test else c.test
+    return "betting" if "betting" in c.test else c.test
 
 
 def decision_word(c: TaskComparison) -> str:
