@@ -212,3 +212,21 @@ def test_formatting_follows_declared_scale() -> None:
     assert format_score(-3.0, (-100, 100), signed=True) == "-3.0"
     assert format_score(None, (0, 1)) == "—"
     assert format_scale((-100, 100)) == "-100..100" and format_scale((0, 1)) == "0–1"
+
+
+def test_flips_count_each_way_with_a_stated_tolerance() -> None:
+    from pytest_day0.gates.compare import FLIP_TOLERANCE, flip_numbers, flips_of
+
+    binary = flips_of([("a", 1.0, 0.0), ("b", 0.0, 1.0), ("c", 1.0, 1.0), ("d", 1.0, 0.0)])
+    assert (binary.lost, binary.gained, binary.n, binary.rate) == (["a", "d"], ["b"], 4, 0.75)
+    assert binary.describe() == "2 lost, 1 gained of 4 (75.0%)"
+    graded = flips_of([("a", 1.0, 0.5), ("b", 0.5, 0.375), ("c", 0.0, 0.5)])  # avg-of-2 / avg-of-8 items
+    assert (graded.lost, graded.gained, graded.tolerance) == (["a"], ["c"], FLIP_TOLERANCE)
+    assert flips_of([("a", 1.0, 0.875)], tolerance=0.125).lost == ["a"]
+    lower = flips_of([("a", 0.0, 1.0), ("b", 1.0, 0.0)], higher_is_better=False)  # an error rate: up is worse
+    assert (lower.lost, lower.gained) == (["a"], ["b"])
+    numbers = flip_numbers(flips_of([(str(i), 1.0, 0.0) for i in range(60)]))
+    assert numbers["flips_lost"] == 60 and numbers["flip_rate"] == 1.0
+    assert str(numbers["flipped_lost_ids"]).endswith(",49,... (+10 more)")
+    with pytest.raises(Day0Error):
+        flips_of([], tolerance=0)

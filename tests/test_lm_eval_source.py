@@ -252,6 +252,10 @@ def test_lm_eval_folders_gate_to_a_verdict(pytester: pytest.Pytester, tmp_path: 
     assert gsm["delta"] == pytest.approx(-25 / 300) and gsm["ci_high"] < -0.01
     assert gsm["quality"]["failure_class"] == "REGRESSION" and gsm["floor"]["passed"]  # not surely past 10 points
     assert gsm["p_value"] == pytest.approx(2 / 2**25)  # exact McNemar: 25 losses, no gains
+    # flips: which docs changed answer, each way (the first 25 right strict-match docs were lost)
+    lost = [str(i) for i, v in enumerate(GSM_STRICT) if v == 1.0][:25]
+    assert gsm["flips"] == {"n": 300, "tolerance": 0.5, "lost": lost, "gained": []}
+    assert arc["flips"]["lost"] == [] and arc["flips"]["gained"] == []
     # the terminal table: interval, n, test and decision per task
     row = next(line for line in out.splitlines() if line.strip().startswith("gsm8k"))
     assert "[-0.1" in row and " 300 " in row and " betting " in row and row.rstrip().endswith("REGRESSION")
@@ -264,6 +268,8 @@ def test_lm_eval_folders_gate_to_a_verdict(pytester: pytest.Pytester, tmp_path: 
     props = {p.get("name"): p.get("value") or "" for p in case.iter("property")}
     assert props["decision"] == "REGRESSION" and props["n"] == "300" and props["stat"] == "paired"
     assert float(props["ci_high"]) < 0 and props["test"].startswith("paired betting CI") and "p_value" in props
+    assert (props["flips_lost"], props["flips_gained"], props["flipped_lost_ids"]) == ("25", "0", ",".join(lost))
+    assert " 25↓ 0↑ " in row
 
 
 def test_lm_eval_with_few_samples_is_inconclusive(pytester: pytest.Pytester, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ Comparisons allow a 1e-9 slack so 84.0 -> 83.0 at a 1-point threshold is "within
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -170,6 +170,38 @@ class Decision(BaseModel):
     message: str = ""
 
 
+FLIP_TOLERANCE = 0.5  # per-item unit: 0/1 items flip at 1; an avg-of-2 item when one of its two repeats flips
+
+
+class Flips(BaseModel):
+    """Which items changed answer between the two sides, in the per-item unit (ids in the task's order)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n: int  # paired items
+    tolerance: float
+    lost: list[str]  # baseline better than candidate by at least ``tolerance`` (right -> wrong on 0/1 items)
+    gained: list[str]
+
+    @property
+    def rate(self) -> float:
+        return (len(self.lost) + len(self.gained)) / self.n if self.n else 0.0
+
+    def describe(self) -> str:
+        return f"{len(self.lost)} lost, {len(self.gained)} gained of {self.n} ({self.rate:.1%})"
+
+
+def flips_of(pairs: Sequence[tuple[str, float, float]], tolerance: float = FLIP_TOLERANCE,
+             higher_is_better: bool = True) -> Flips:
+    """(id, baseline, candidate) per-item values -> the items that flipped, each way."""
+    if not 0 < tolerance <= 1:
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR, f"flip tolerance must be in (0, 1], got {tolerance!r}")
+    sign = 1.0 if higher_is_better else -1.0
+    lost = [i for i, b, c in pairs if sign * (b - c) >= tolerance - _EPS]
+    gained = [i for i, b, c in pairs if sign * (c - b) >= tolerance - _EPS]
+    return Flips(n=len(pairs), tolerance=tolerance, lost=lost, gained=gained)
+
+
 class TaskComparison(BaseModel):
     """Everything the reports and the verdict need about one task of one recipe."""
 
@@ -212,6 +244,9 @@ class TaskComparison(BaseModel):
     p_pass: float | None = None
     p_floor: float | None = None
     p_anomaly: float | None = None
+    # flips (Dutta et al. 2024: equal accuracy can hide many changed answers): items the candidate lost
+    # (right -> wrong) and gained (wrong -> right); for graded values, a change of at least ``flip_tolerance``
+    flips: Flips | None = None
 
 
 QualityDecider = Callable[[ScoreDelta, float], Decision]
@@ -457,6 +492,7 @@ def compare_task(
     recipe: str | None = None,
     quality: QualityDecider | None = None,
     paired: PairedStats | None = None,
+    flips: Flips | None = None,
 ) -> TaskComparison:
     """Compare one task's two sides on ``spec.scale``; ``abstain`` (from the run gate) makes the floor skip.
 
@@ -533,6 +569,7 @@ def compare_task(
         drop_fraction_high=d.drop_high_fraction if paired is not None else None,
         mde_points=mde,
         samples_needed=needed,
+        flips=flips,
         **p_values,
     )
 
@@ -585,7 +622,22 @@ def comparison_numbers(c: TaskComparison) -> dict[str, float | int | str | None]
         "floor_points": c.floor_points,
         "scale": format_scale(c.scale),
         "relative": int(c.relative),
+        **flip_numbers(c.flips),
     }
+
+
+FLIP_IDS_SHOWN = 50  # per direction in test properties; verdict.json and the comparison files keep them all
+
+
+def flip_numbers(flips: Flips | None) -> dict[str, float | int | str | None]:
+    if flips is None:
+        return {}
+    def ids(items: list[str]) -> str:
+        more = len(items) - FLIP_IDS_SHOWN
+        return ",".join(items[:FLIP_IDS_SHOWN]) + (f",... (+{more} more)" if more > 0 else "")
+    return {"flips_lost": len(flips.lost), "flips_gained": len(flips.gained), "flip_rate": flips.rate,
+            "flip_tolerance": flips.tolerance, "flipped_lost_ids": ids(flips.lost),
+            "flipped_gained_ids": ids(flips.gained)}
 
 
 def decision_outcome(

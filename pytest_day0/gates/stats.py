@@ -285,6 +285,13 @@ def paired_from_records(
     return paired_stats(pairs, confidence, ids=kept, seed=seed, left_out=len(base) - len(kept), task=task)
 
 
+def item_pairs(baseline: Sequence[SampleRecord], candidate: Sequence[SampleRecord]) -> list[tuple[str, float, float]]:
+    """(id, baseline, candidate) per-item means (repeats averaged), in baseline order, for items both sides scored."""
+    base = item_means((r.id, r.correct) for r in baseline if r.error is None and r.correct is not None)
+    cand = item_means((r.id, r.correct) for r in candidate if r.error is None and r.correct is not None)
+    return [(i, base[i], cand[i]) for i in dict.fromkeys(r.id for r in baseline) if i in base and i in cand]
+
+
 def mean_interval(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
     """One-sided bounds of a single side's mean of values in [0, 1], exact at every n: Clopper-Pearson for 0/1
     values (the tightest exact bounds of a proportion), the betting interval (fixed n) for any other values."""

@@ -440,9 +440,9 @@ class ReleaseChain:
 
     def comparison(self, recipe: str, task_name: str) -> TaskComparison:
         """Floor, quality and anomaly of one task share one comparison, computed once per process and saved."""
-        from pytest_day0.gates.compare import compare_task
+        from pytest_day0.gates.compare import compare_task, flips_of
         from pytest_day0.gates.run import align_records, check_run
-        from pytest_day0.gates.stats import paired_from_records
+        from pytest_day0.gates.stats import item_pairs, paired_from_records
 
         c = self.config
 
@@ -451,10 +451,12 @@ class ReleaseChain:
             abstain = any(check_run(r).abstain for r in results.values())
             base, cand = self.records(BASELINE, task_name), self.records(recipe, task_name)
             align_records(base, cand)  # ids and prompts: a pair that is no pair is SAMPLE_ACCOUNTING_FAILED
+            spec = self.task(task_name).spec
             paired = paired_from_records(base, cand, c.confidence) if c.stat == "paired" else None
             comparison = compare_task(
-                self.task(task_name).spec, results[BASELINE], results[recipe], threshold=c.threshold,
-                floor=c.floor, relative=c.relative, abstain=abstain, recipe=recipe, paired=paired)
+                spec, results[BASELINE], results[recipe], threshold=c.threshold, floor=c.floor,
+                relative=c.relative, abstain=abstain, recipe=recipe, paired=paired,
+                flips=flips_of(item_pairs(base, cand), higher_is_better=spec.higher_is_better))
             save_comparison(self.ws.root, self.session_id, comparison)
             return comparison
 

@@ -13,8 +13,9 @@ from pytest_day0.gates.compare import Decision, TaskComparison, comparison_decis
 from pytest_day0.verdict import SessionVerdict, Verdict
 
 MISSING = "—"
-COLUMNS = ("task", "scale", "baseline", "candidate", "delta", "interval", "n", "test", "floor", "quality", "decision")
-_RIGHT = frozenset({"baseline", "candidate", "delta", "interval", "n"})
+COLUMNS = ("task", "scale", "baseline", "candidate", "delta", "interval", "n", "flips", "test", "floor", "quality",
+           "decision")
+_RIGHT = frozenset({"baseline", "candidate", "delta", "interval", "n", "flips"})
 
 
 def decision_cell(d: Decision) -> str:
@@ -43,6 +44,13 @@ def test_cell(c: TaskComparison) -> str:
     return "betting" if "betting" in c.test else c.test
 
 
+def flips_cell(c: TaskComparison) -> str:
+    """``3↓ 1↑``: items the candidate lost and gained (right -> wrong, wrong -> right)."""
+    if c.flips is None or c.delta is None:
+        return ""
+    return f"{len(c.flips.lost)}↓ {len(c.flips.gained)}↑"
+
+
 def decision_word(c: TaskComparison) -> str:
     """PASS / INCONCLUSIVE / REGRESSION / a hard breach's class; a skipped row shows its cause (or nothing)."""
     word = comparison_decision(c)
@@ -69,6 +77,7 @@ def comparison_cells(c: TaskComparison) -> dict[str, str]:
         "delta": format_score(c.delta, c.scale, signed=True),
         "interval": interval_cell(c),
         "n": str(c.n) if c.n is not None and c.delta is not None else "",
+        "flips": flips_cell(c),
         "test": test_cell(c),
         "floor": decision_cell(c.floor),
         "quality": decision_cell(c.quality),
