@@ -87,3 +87,43 @@ def test_simulated_sessions_false_regression_verdicts() -> None:
             assert joint <= 0.05, (delta, joint)
             if delta < 0:
                 assert per_task > 0.10, per_task  # what the per-task claims alone would have said (bench: ~0.23)
+
+
+def _comparison(name: str, lost: int, n: int = 400):  # type: ignore[no-untyped-def]
+    """A 0/1 task where the candidate lost ``lost`` of n items (the baseline right on all of them)."""
+    from pytest_day0.gates.compare import compare_task
+    from pytest_day0.gates.stats import paired_stats
+    from pytest_day0.scoring.records import TaskResult
+    from pytest_day0.scoring.tasks import TaskSpec
+
+    spec = TaskSpec(name=name, kind="generate", metric="exact_match", scale=(0, 100), samples="x.jsonl")
+    base, cand = [1.0] * n, [0.0] * lost + [1.0] * (n - lost)
+
+    def result(side: str, values: list[float]) -> TaskResult:
+        return TaskResult(task=name, side=side, status="SUCCESS", expected_samples=n, scored_samples=n,
+                          errored_samples=0, score=100 * sum(values) / n, scale=(0, 100), metric="exact_match",
+                          records_path="x")
+
+    return compare_task(spec, result("baseline", base), result("candidate", cand), recipe="fp8",
+                        paired=paired_stats(list(zip(base, cand, strict=True))))
+
+
+def test_family_adjusted_keeps_only_the_regressions_that_survive_holm() -> None:
+    from pytest_day0.failures import FailureClass
+    from pytest_day0.gates.family import family_adjusted
+
+    tasks = [_comparison("clear", 60), _comparison("weak-a", 0), _comparison("weak-b", 0)]
+    weak = [_comparison("w1", 11), _comparison("w2", 12), _comparison("w3", 11)]
+    assert all(c.quality.failure_class is FailureClass.REGRESSION for c in weak), [c.p_regression for c in weak]
+    for c in weak:  # per task, each is a REGRESSION at its own 5%; three of them are not, family-wise
+        assert c.p_regression is not None and 0.05 / 3 < c.p_regression <= 0.05
+    adjusted = family_adjusted(weak)
+    for c in adjusted:
+        assert c.quality.failure_class is FailureClass.INCONCLUSIVE and not c.quality.passed
+        assert c.task_decisions == {"quality": "REGRESSION"} and c.adjusted_p["regression"] > 0.05
+        assert "not family-wise: Holm over 3 tasks" in c.quality.message and c.family and "Holm over 3" in c.family
+    strong = family_adjusted(tasks)
+    assert strong[0].quality.failure_class is FailureClass.REGRESSION and strong[0].task_decisions == {}
+    assert [c.quality.passed for c in strong[1:]] == [True, True]  # PASS untouched (intersection-union)
+    single = family_adjusted(weak[:1])  # one task: Holm is the task's own test
+    assert single[0].quality.failure_class is FailureClass.REGRESSION

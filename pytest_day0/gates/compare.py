@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
 from pytest_day0.gates.betting import Side
@@ -247,6 +247,11 @@ class TaskComparison(BaseModel):
     # flips (Dutta et al. 2024: equal accuracy can hide many changed answers): items the candidate lost
     # (right -> wrong) and gained (wrong -> right); for graded values, a change of at least ``flip_tolerance``
     flips: Flips | None = None
+    # the session-level control (gates/family.py): which one, and each gate's own per-task word where the
+    # family-wise claim differs from it (a per-task REGRESSION that does not survive Holm is INCONCLUSIVE here)
+    family: str | None = None
+    task_decisions: dict[str, str] = Field(default_factory=dict)
+    adjusted_p: dict[str, float] = Field(default_factory=dict)
 
 
 QualityDecider = Callable[[ScoreDelta, float], Decision]
@@ -570,7 +575,10 @@ def compare_task(
         mde_points=mde,
         samples_needed=needed,
         flips=flips,
-        **p_values,
+        p_regression=p_values["p_regression"],
+        p_pass=p_values["p_pass"],
+        p_floor=p_values["p_floor"],
+        p_anomaly=p_values["p_anomaly"],
     )
 
 

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.gates.compare import Decision, TaskComparison
 from pytest_day0.gates.stats import DEFAULT_CONFIDENCE, z_value
 
 METHOD = "Holm step-down on per-task one-sided p-values (family-wise error <= alpha per claim, any dependence)"
@@ -110,3 +111,55 @@ def family_decision(evidence: Sequence[TaskEvidence], confidence: float = DEFAUL
     return FamilyResult(method=METHOD, alpha=alpha, tasks=names, regression=survivors["regression"],
                         catastrophic=survivors["catastrophic"], anomalous=survivors["anomalous"],
                         all_pass=all_pass, adjusted=adjusted)
+
+
+def _evidence(c: TaskComparison) -> TaskEvidence:
+    return TaskEvidence(task=c.task, p_regression=c.p_regression, p_pass=c.p_pass, p_floor=c.p_floor,
+                        p_anomaly=c.p_anomaly)
+
+
+def family_adjusted(comparisons: Sequence[TaskComparison], confidence: float = DEFAULT_CONFIDENCE
+                    ) -> list[TaskComparison]:
+    """One recipe's task comparisons with their "worse" claims controlled family-wise (Holm over its tasks).
+
+    A per-task REGRESSION, floor breach or implausible gain stands only when it survives Holm; one that does not
+    becomes what the evidence supports for the family — INCONCLUSIVE for the quality gate, a pass (no family-wise
+    evidence) for the floor and the anomaly gates — and the per-task word is kept in ``task_decisions`` with the
+    adjusted p-value, so nothing is hidden. PASS is left as it is (intersection-union). Comparisons without
+    p-values (the point rule, a failed stage) are passed through.
+    """
+    tested = [c for c in comparisons if c.p_regression is not None or c.p_floor is not None
+              or c.p_anomaly is not None]
+    if not tested:
+        return list(comparisons)
+    result = family_decision([_evidence(c) for c in tested], confidence)
+    k = len(tested)
+    method = (f"Holm over {k} task{'s' if k > 1 else ''} (REGRESSION, floor and anomaly claims, family-wise "
+              f"{1 - result.alpha:.0%}); PASS on every task as an intersection-union test")
+    out = []
+    for c in comparisons:
+        if c not in tested:
+            out.append(c)
+            continue
+        adjusted = result.adjusted.get(c.task, {})
+        changes: dict[str, Decision] = {}
+        words: dict[str, str] = {}
+        checks = (("quality", c.quality, "regression", result.regression, FailureClass.REGRESSION),
+                  ("floor", c.floor, "catastrophic", result.catastrophic, FailureClass.CATASTROPHIC_REGRESSION),
+                  ("anomaly", c.anomaly, "anomalous", result.anomalous, FailureClass.ANOMALOUS))
+        for gate, decision, claim, survivors, cls in checks:
+            if decision.passed or decision.skipped or decision.failure_class is not cls or c.task in survivors:
+                continue
+            p = adjusted.get(claim, 1.0)
+            why = (f"; per task {cls}, but not family-wise: Holm over {k} tasks gives adjusted p={p:.3g} > "
+                   f"{result.alpha:g}")
+            words[gate] = str(cls)
+            if gate == "quality":
+                changes[gate] = decision.model_copy(update={"failure_class": FailureClass.INCONCLUSIVE,
+                                                            "message": decision.message + why})
+            else:
+                changes[gate] = decision.model_copy(update={"passed": True, "failure_class": None,
+                                                            "message": decision.message + why})
+        out.append(c.model_copy(update={**changes, "family": method, "task_decisions": words,
+                                        "adjusted_p": {k2: round(v, 6) for k2, v in adjusted.items()}}))
+    return out

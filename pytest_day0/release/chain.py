@@ -438,8 +438,8 @@ class ReleaseChain:
 
         return check_run(self.evaluation(side, task_name))
 
-    def comparison(self, recipe: str, task_name: str) -> TaskComparison:
-        """Floor, quality and anomaly of one task share one comparison, computed once per process and saved."""
+    def task_comparison(self, recipe: str, task_name: str) -> TaskComparison:
+        """One task's own comparison (per-task decisions, before the family-wise control); computed once."""
         from pytest_day0.gates.compare import compare_task, flips_of
         from pytest_day0.gates.run import align_records, check_run
         from pytest_day0.gates.stats import item_pairs, paired_from_records
@@ -453,14 +453,37 @@ class ReleaseChain:
             align_records(base, cand)  # ids and prompts: a pair that is no pair is SAMPLE_ACCOUNTING_FAILED
             spec = self.task(task_name).spec
             paired = paired_from_records(base, cand, c.confidence) if c.stat == "paired" else None
-            comparison = compare_task(
+            return compare_task(
                 spec, results[BASELINE], results[recipe], threshold=c.threshold, floor=c.floor,
                 relative=c.relative, abstain=abstain, recipe=recipe, paired=paired,
                 flips=flips_of(item_pairs(base, cand), higher_is_better=spec.higher_is_better))
-            save_comparison(self.ws.root, self.session_id, comparison)
-            return comparison
 
-        return self.runner.local(f"compare-{recipe}-{task_name}", build)
+        return self.runner.local(f"task-compare-{recipe}-{task_name}", build)
+
+    def comparison(self, recipe: str, task_name: str) -> TaskComparison:
+        """A task's comparison as the session claims it: the recipe's "worse" claims (REGRESSION, floor, anomaly)
+        controlled family-wise over its tasks (Holm, gates/family.py); floor, quality and anomaly share it.
+
+        Needs every task of the recipe compared (their p-values make the family); a task whose own stages failed
+        is left out of the family (its tests say why) and re-raises here for its own tests."""
+        from pytest_day0.gates.family import family_adjusted
+
+        own = self.task_comparison(recipe, task_name)  # this task's failure is its own tests' failure
+
+        def build() -> list[TaskComparison]:
+            family = []
+            for task in self.tasks():
+                try:
+                    family.append(self.task_comparison(recipe, task.name))
+                except Day0Error:
+                    continue
+            adjusted = family_adjusted(family, self.config.confidence)
+            for comparison in adjusted:
+                save_comparison(self.ws.root, self.session_id, comparison)
+            return adjusted
+
+        adjusted = self.runner.local(f"compare-{recipe}", build)
+        return next((c for c in adjusted if c.task == task_name), own)
 
     def task_set_check(self, recipe: str) -> RunCheck:
         from pytest_day0.gates.run import check_task_sets

@@ -109,6 +109,9 @@ def _limits(comparisons: Sequence[TaskComparison]) -> str:
                  f"(a {2 * paired.confidence - 1:.0%} interval)")
     elif any(x.stat == "point" and x.delta is not None for x in comparisons):
         line += "; point estimates (--day0-stat point): no interval"
+    family = next((x.family for x in comparisons if x.family), None)
+    if family:
+        line += f"\n  session control: {family}"
     return line
 
 
@@ -121,7 +124,7 @@ def recipe_lines(recipe: str, comparisons: Sequence[TaskComparison], verdict: Ve
         lines.append(f"  {MISSING} no task was compared (an upstream stage failed)")
         return lines
     lines += table_lines([comparison_cells(c) for c in mine])
-    lines.append(_limits(mine))
+    lines += _limits(mine).split("\n")
     return lines
 
 
