@@ -79,6 +79,7 @@ class RunConfig(BaseModel):
     candidate_model: str | None = None
     api_key: SecretStr | None = None
     concurrency: int = Field(default=16, ge=1, le=1024)
+    adaptive: bool = False
     fresh: bool = False
     stage_timeout: float = Field(default=3600.0, gt=0)
     calib_size: int = Field(default=64, ge=1)
@@ -204,6 +205,14 @@ class RunConfig(BaseModel):
                              "add --day0-serve external")
         if self.serve == "external" and len(self.recipes) != 1:
             raise ValueError("--day0-serve external serves one candidate: give exactly one --recipe")
+        if self.adaptive and self.stat != "paired":
+            raise ValueError("--day0-adaptive decides on the paired confidence sequence: drop --day0-stat point")
+        if self.adaptive and self.relative:
+            raise ValueError("--day0-adaptive stops against fixed limits; --day0-relative makes them depend on the "
+                             "measured baseline: use one or the other")
+        if self.adaptive and self.eval == "lm-eval" and (self.lm_eval_baseline or self.lm_eval_candidate):
+            raise ValueError("--day0-adaptive chooses which items to evaluate: finished lm-eval folders have none "
+                             "left to choose")
         if self.eval == "lm-eval":
             if not (self.lm_eval_baseline and self.lm_eval_candidate):
                 raise ValueError("--day0-eval lm-eval needs --day0-lm-eval-baseline and --day0-lm-eval-candidate")

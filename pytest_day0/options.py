@@ -80,6 +80,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_key", "--day0-api-key", "API key for external endpoints (prefer the DAY0_API_KEY environment variable)",
            secret=True),
     Option("concurrency", "--day0-concurrency", "requests in flight per evaluation", kind="int", default=16),
+    Option("adaptive", "--day0-adaptive", "evaluate both sides in lockstep rounds over a seeded order of each task's "
+           "items and stop a task as soon as an anytime-valid confidence sequence decides it (PASS, REGRESSION, "
+           "the floor) or shows it cannot be decided", kind="bool", default=False),
     Option("fresh", "--day0-fresh", "ignore cached artifacts and run every stage again", kind="bool", default=False),
     Option("stage_timeout", "--day0-stage-timeout", "seconds any one stage may take", kind="float", default=3600.0),
     Option("calib_size", "--day0-calib-size", "calibration samples for PTQ", kind="int", default=64),

@@ -430,6 +430,33 @@ def test_two_recipes_recommend_the_smallest_accepted(pytester: pytest.Pytester, 
     assert {c.props["recipe"] for c in run.day0_cases() if c.name.startswith("test_quality")} == {"fp8", "int4_awq"}
 
 
+def _adaptive_stops_a_broken_candidate_early(pytester: pytest.Pytester, shared_ws: Path, heavy: Path) -> None:
+    """--day0-adaptive on a broken candidate: the floor breach ends its evaluation after one round of 64 of 300
+    items, and the tasks it had not started yet are never evaluated (they skip with the breach's class)."""
+    args = ("-p", "no:cacheprovider", "--day0-model=demo", "--day0-calib-size=16", "--recipe=fp8",
+            f"--day0-workdir={shared_ws}", "--day0-quantize=existing", f"--day0-checkpoint={heavy}",
+            "--day0-adaptive")
+    run = run_pytest(pytester, *args)
+    assert run.rc == 1, run.out[-3000:]
+    session = run.report["day0"]["extra"]["session_id"]
+    rounds = [e for e in events(shared_ws, "adaptive_round") if e["session"] == session]
+    breached = [e for e in rounds if e["outcome"] == "CATASTROPHIC"]
+    assert len(breached) == 1 and breached[0]["n"] == 64, rounds
+    task = breached[0]["task"]
+    assert [e for e in rounds if e["task"] == task] == breached  # one round, then it stopped
+    floor = run.junit[f"test_floor[fp8-{task}]"]
+    assert floor.outcome == "failure" and floor.message.startswith("[CATASTROPHIC_REGRESSION]")
+    assert floor.props["evaluated"] == "64" and floor.props["task_size"] == "300"
+    later = [t for t in ("arc_like", "gsm_like", "tau_like") if not any(e["task"] == t for e in rounds)]
+    for t in later:  # not started when the floor broke: not evaluated on the candidate at all
+        case = run.junit[f"test_eval_complete[fp8-{t}]"]
+        assert case.outcome == "skipped" and case.message.startswith("[CATASTROPHIC_REGRESSION]"), case
+    verdict = run.verdict(shared_ws)
+    assert _decisions(verdict) == {"fp8": "REGRESSION"}
+    evaluated = {e["task"]: e["n"] for e in rounds}  # the last round of each task
+    assert sum(evaluated.values()) <= 600 and all(evaluated.get(t, 0) == 0 for t in later)  # of 900 at fixed n
+
+
 def test_quality_warn_tier_and_floor(pytester: pytest.Pytester, shared_ws: Path) -> None:
     # the fp8 export of the shared workspace (only the PTQ gates run: no server needed for this step)
     ptq = run_pytest(pytester, *COMMON, "--recipe=fp8", f"--day0-workdir={shared_ws}", "-k", "test_ptq")
@@ -463,6 +490,9 @@ def test_quality_warn_tier_and_floor(pytester: pytest.Pytester, shared_ws: Path)
         failed = hard.junit[case.name]
         assert failed.outcome == "failure" and failed.message.startswith("[REGRESSION]"), failed
     assert "warned" not in hard.result.parseoutcomes()
+
+    # adaptive: the heavy damage is caught in the first round, and the recipe stops there
+    _adaptive_stops_a_broken_candidate_early(pytester, shared_ws, heavy)
 
     # heavy damage: the floor (hard) fails
     worst = run_pytest(pytester, *existing, f"--day0-checkpoint={heavy}")

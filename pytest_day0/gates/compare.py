@@ -202,6 +202,22 @@ def flips_of(pairs: Sequence[tuple[str, float, float]], tolerance: float = FLIP_
     return Flips(n=len(pairs), tolerance=tolerance, lost=lost, gained=gained)
 
 
+class AdaptiveStop(BaseModel):
+    """How an adaptive (sequential) evaluation of a task ended: how many of its items, and why it stopped there."""
+
+    model_config = ConfigDict(frozen=True)
+
+    evaluated: int  # items both sides scored, a prefix of the seeded evaluation order
+    task_size: int  # the task's items (or --day0-limit)
+    outcome: str  # PASS / REGRESSION / CATASTROPHIC / ANOMALOUS / INCONCLUSIVE (sequential.Outcome)
+    reason: str  # decided / exhausted / futile / watching the floor / stopped: <why>
+    rounds: int
+
+    def describe(self) -> str:
+        return (f"adaptive: {self.evaluated} of {self.task_size} items in {self.rounds} round"
+                f"{'s' if self.rounds != 1 else ''}, stopped {self.outcome} ({self.reason})")
+
+
 class TaskComparison(BaseModel):
     """Everything the reports and the verdict need about one task of one recipe."""
 
@@ -252,6 +268,7 @@ class TaskComparison(BaseModel):
     family: str | None = None
     task_decisions: dict[str, str] = Field(default_factory=dict)
     adjusted_p: dict[str, float] = Field(default_factory=dict)
+    adaptive: AdaptiveStop | None = None  # --day0-adaptive: where the task's evaluation stopped, and why
 
 
 QualityDecider = Callable[[ScoreDelta, float], Decision]
@@ -631,6 +648,8 @@ def comparison_numbers(c: TaskComparison) -> dict[str, float | int | str | None]
         "scale": format_scale(c.scale),
         "relative": int(c.relative),
         **flip_numbers(c.flips),
+        **({"evaluated": c.adaptive.evaluated, "task_size": c.adaptive.task_size,
+            "adaptive_stop": f"{c.adaptive.outcome} ({c.adaptive.reason})"} if c.adaptive else {}),
     }
 
 

@@ -266,8 +266,12 @@ def paired_from_records(
     confidence: float = DEFAULT_CONFIDENCE,
     *,
     seed: int = ORDER_SEED,
+    horizon: int | None = None,
 ) -> PairedStats:
     """Records -> per-item means (repeats averaged) -> pairs by id -> PairedStats.
+
+    ``horizon``: the n the bets are tuned for when these records are a prefix of a longer planned evaluation (the
+    sequential chain: the task's size), so the interval is the confidence sequence's at this n.
 
     An id on one side only is SAMPLE_ACCOUNTING_FAILED. A pair where either side errored is left out of the
     statistics and counted in ``left_out`` (the run gate already fails such a side, so nothing hides).
@@ -282,7 +286,8 @@ def paired_from_records(
     pair_items({i: 0.0 for i in base}, {i: 0.0 for i in cand}, task=task)  # accounting first: ids, then errors
     kept = [i for i in base if base[i] is not None and cand[i] is not None]
     pairs = [(float(base[i]), float(cand[i])) for i in kept]  # type: ignore[arg-type]
-    return paired_stats(pairs, confidence, ids=kept, seed=seed, left_out=len(base) - len(kept), task=task)
+    return paired_stats(pairs, confidence, ids=kept, seed=seed, horizon=horizon, left_out=len(base) - len(kept),
+                        task=task)
 
 
 def item_pairs(baseline: Sequence[SampleRecord], candidate: Sequence[SampleRecord]) -> list[tuple[str, float, float]]:

@@ -43,7 +43,7 @@ from pytest_day0.workspace import (
 
 if TYPE_CHECKING:
     from pytest_day0.checkpoint.model import CheckpointInspection
-    from pytest_day0.gates.compare import TaskComparison
+    from pytest_day0.gates.compare import AdaptiveStop, TaskComparison
     from pytest_day0.gates.ptq import PtqCheck
     from pytest_day0.gates.published import PublishedCheck
     from pytest_day0.gates.run import RunCheck
@@ -360,15 +360,25 @@ class ReleaseChain:
             return False
 
     def evaluation(self, side: str, task_name: str) -> TaskResult:
-        from pytest_day0.stages.evaluate import cached_result
-
+        """One side's evaluation of a task: all its items, or (``--day0-adaptive``) the prefix of its seeded order
+        that the lockstep rounds needed (for the baseline, the longest any recipe needed)."""
         task = self.task(task_name)
         if self.config.eval == "lm-eval":  # read, not served: the records land in the workspace like scored ones
             from pytest_day0.scoring import lm_eval
 
             return self.runner.local(f"eval-{side}-{task.name}", lambda: lm_eval.side_result(
                 self.config, side, task.name, self.ws.root))
+        if self.config.adaptive:
+            return self._evaluate(side, self._prefix(task, self._evaluated_items(side, task.name)))
+        return self._evaluate(side, task)
+
+    def _evaluate(self, side: str, task: Task, *, first_round: bool = True) -> TaskResult:
+        """Evaluate ``task``'s samples on ``side`` once per session (any process). A subset of a task (an adaptive
+        round) shares the task's records file, so a later round sends only the items it adds."""
+        from pytest_day0.stages.evaluate import cached_result
+
         path = self.records_path(side, task)
+        full = len(task.samples) == len(self.task(task.name).samples)
 
         def build() -> TaskResult:
             done = cached_result(task, path, side)
@@ -385,8 +395,137 @@ class ReleaseChain:
                 result = self._evaluate_once(side, task, path, attempt=2)
             return result
 
-        return self.runner.run(f"eval-{side}-{task.name}", build, lock=f"eval-{path.parent.name}-{path.stem}",
-                               reset=lambda: path.unlink(missing_ok=True))
+        stage = f"eval-{side}-{task.name}" + ("" if full else f"-{len(task.samples)}")
+        return self.runner.run(stage, build, lock=f"eval-{path.parent.name}-{path.stem}",
+                               reset=(lambda: path.unlink(missing_ok=True)) if first_round else None)
+
+    # ------------------------------------------------------------------ adaptive (--day0-adaptive)
+
+    def _order(self, task_name: str) -> list[str]:
+        from pytest_day0.gates.stats import evaluation_order
+
+        return evaluation_order([s.id for s in self.task(task_name).samples])
+
+    def _prefix(self, task: Task, n: int) -> Task:
+        """The first ``n`` items of the task's seeded evaluation order, in the task's own order."""
+        keep = set(self._order(task.name)[:n])
+        return task.model_copy(update={"samples": tuple(s for s in task.samples if s.id in keep)})
+
+    def _stop_path(self, recipe: str) -> Path:
+        return self.ws.root / "runs" / self.session_id / "adaptive" / f"{recipe}.stopped.json"
+
+    def not_stopped(self, side: str, task_name: str) -> None:
+        """Raises when an adaptive floor breach on another task stopped ``side`` before this task started."""
+        stopped = self.recipe_stopped(side, task_name)
+        if stopped is not None:
+            raise stopped
+
+    def recipe_stopped(self, recipe: str, task_name: str) -> Day0Error | None:
+        """Another task of this recipe breached the floor (adaptive): this task, not started, is never evaluated."""
+        if not self.config.adaptive or recipe == BASELINE:
+            return None
+        stop = read_json(self._stop_path(recipe))
+        if not isinstance(stop, dict) or stop.get("task") == task_name:
+            return None
+        if (self.ws.root / "runs" / self.session_id / "adaptive" / f"{recipe}-{task_name}.json").exists():
+            return None  # it ran (or is running) its own rounds: its evidence stands
+        return Day0Error(FailureClass.CATASTROPHIC_REGRESSION,
+                         f"{recipe} breached the floor on {stop.get('task')}: its evaluation stopped there, "
+                         f"{task_name} was not evaluated")
+
+    def adaptive(self, recipe: str, task_name: str) -> AdaptiveStop:
+        """Both sides in lockstep rounds over the task's seeded item order, until the confidence sequence decides.
+
+        After each round (64 items, then x1.5, gates/sequential.round_schedule) ``sequential.decide`` reads the
+        anytime-valid confidence sequence of the paired difference: PASS, REGRESSION or the floor stop the task
+        (a REGRESSION or floor stop at the per-task level that survives the family control, Bonferroni over the
+        recipe's tasks), so does futility (no claim reachable by the task's end) and the task's end. A floor breach
+        stops the whole recipe: tasks that have not started are not evaluated.
+        """
+        from pytest_day0.gates import sequential
+        from pytest_day0.gates.compare import AdaptiveStop
+        from pytest_day0.gates.family import per_task_confidence
+        from pytest_day0.gates.stats import item_means
+
+        c = self.config
+        task = self.task(task_name)
+        record_path = self.ws.root / "runs" / self.session_id / "adaptive" / f"{recipe}-{task_name}.json"
+
+        def build() -> AdaptiveStop:
+            stopped = self.recipe_stopped(recipe, task_name)
+            if stopped is not None:
+                raise stopped
+            order = self._order(task_name)
+            size = len(order)
+            schedule = sequential.round_schedule(size)
+            state = sequential.start(size, c.confidence)
+            regression_confidence = per_task_confidence(len(self.tasks()), c.confidence)
+            atomic_write_json(record_path, {"recipe": recipe, "task": task_name, "task_size": size, "rounds": []})
+            rounds: list[dict[str, object]] = []
+            outcome, reason, n = "INCONCLUSIVE", "exhausted", 0
+            for end in schedule:
+                subset = self._prefix(task, end)
+                results = {side: self._evaluate(side, subset, first_round=end == schedule[0])
+                           for side in (BASELINE, recipe)}
+                if any(r.errored_samples or r.status != "SUCCESS" for r in results.values()):
+                    outcome, reason, n = "INCONCLUSIVE", "stopped: samples errored (see the run gate)", end
+                    break
+                means = {side: item_means((r.id, r.correct) for r in self._records(side, subset)
+                                          if r.correct is not None) for side in (BASELINE, recipe)}
+                state = sequential.update(state, [(means[BASELINE][i], means[recipe][i])
+                                                  for i in order[state.n:end]])
+                decision = sequential.decide(state, threshold=c.threshold, floor=c.floor, task_size=size,
+                                             higher_is_better=task.spec.higher_is_better,
+                                             regression_confidence=regression_confidence)
+                outcome, reason, n = str(decision.outcome), decision.reason, end
+                rounds.append({"n": end, "outcome": outcome, "reason": reason, "delta": decision.delta,
+                               "ci": [decision.ci_low, decision.ci_high]})
+                atomic_write_json(record_path, {"recipe": recipe, "task": task_name, "task_size": size,
+                                                "rounds": rounds})
+                self.ws.event("adaptive_round", recipe=recipe, task=task_name, n=end, outcome=outcome,
+                              session=self.session_id)
+                width = task.spec.scale_range
+                self.progress(f"[day0]   adaptive {recipe}/{task_name}: {end}/{size} items, "
+                              f"Δ {decision.delta * width:+.2f} [{decision.ci_low * width:+.2f}, "
+                              f"{decision.ci_high * width:+.2f}] -> {outcome} ({reason})")
+                if decision.stop:
+                    break
+                other = read_json(self._stop_path(recipe))
+                if isinstance(other, dict) and other.get("task") != task_name:
+                    outcome, reason = "INCONCLUSIVE", f"stopped: {recipe} breached the floor on {other.get('task')}"
+                    break
+            stop = AdaptiveStop(evaluated=n, task_size=size, outcome=outcome, reason=reason, rounds=len(rounds))
+            atomic_write_json(record_path, {"recipe": recipe, "task": task_name, "task_size": size,
+                                            "rounds": rounds, "stop": stop.model_dump(mode="json")})
+            if outcome == "CATASTROPHIC":
+                atomic_write_json(self._stop_path(recipe), {"task": task_name, "n": n})
+            return stop
+
+        return self.runner.run(f"adaptive-{recipe}-{task_name}", build,
+                               lock=f"adaptive-{self.session_id}-{recipe}-{task_name}")
+
+    def _evaluated_items(self, side: str, task_name: str) -> int:
+        """How many items of the seeded order ``side`` needed: its own rounds, or the baseline's most for any
+        recipe (at least the first round, so its run gate always has something to check)."""
+        from pytest_day0.gates import sequential
+
+        if side != BASELINE:
+            return self.adaptive(side, task_name).evaluated
+        needed = [sequential.round_schedule(len(self.task(task_name).samples))[0]]
+        for recipe in self.config.recipes:
+            if self.infeasible_upstream(recipe) is not None:
+                continue
+            try:
+                needed.append(self.adaptive(recipe, task_name).evaluated)
+            except Day0Error:
+                continue  # that recipe's own tests report why
+        return max(needed)
+
+    def _records(self, side: str, task: Task) -> list[SampleRecord]:
+        from pytest_day0.stages.evaluate import read_records
+
+        by_id, _ = read_records(self.records_path(side, task))
+        return [by_id[s.id] for s in task.samples if s.id in by_id]
 
     def _evaluate_once(self, side: str, task: Task, path: Path, attempt: int) -> TaskResult:
         endpoint = self.endpoint(side)
@@ -423,13 +562,17 @@ class ReleaseChain:
         known = self._registered(self._registry_path(self.side_key(side)))
         return known is not None and self.placement.reach(known) is None
 
-    def records(self, side: str, task_name: str) -> list[SampleRecord]:
-        """This run's records of one side (a records file may also hold samples outside --day0-limit)."""
+    def records(self, side: str, task_name: str, items: int | None = None) -> list[SampleRecord]:
+        """This run's records of one side (a records file may also hold samples outside --day0-limit); with
+        ``items``, only the first that many of the task's seeded evaluation order (an adaptive prefix)."""
         from pytest_day0.stages.evaluate import read_records
 
         result = self.evaluation(side, task_name)
         by_id, _ = read_records(Path(result.records_path))
-        return [by_id[s.id] for s in self.task(task_name).samples if s.id in by_id]
+        task = self.task(task_name)
+        if items is not None:
+            task = self._prefix(task, items)
+        return [by_id[s.id] for s in task.samples if s.id in by_id]
 
     # ------------------------------------------------------------------ checks (I/O here, decisions in gates/)
 
@@ -448,15 +591,21 @@ class ReleaseChain:
 
         def build() -> TaskComparison:
             results = {side: self.evaluation(side, task_name) for side in (BASELINE, recipe)}
+            stop, horizon, items = None, None, None
+            if c.adaptive:  # both sides on the recipe's own prefix; the bets were tuned for the whole task
+                stop = self.adaptive(recipe, task_name)
+                items, horizon = stop.evaluated, stop.task_size
+                results[BASELINE] = self._evaluate(BASELINE, self._prefix(self.task(task_name), items))
             abstain = any(check_run(r).abstain for r in results.values())
-            base, cand = self.records(BASELINE, task_name), self.records(recipe, task_name)
+            base, cand = self.records(BASELINE, task_name, items), self.records(recipe, task_name, items)
             align_records(base, cand)  # ids and prompts: a pair that is no pair is SAMPLE_ACCOUNTING_FAILED
             spec = self.task(task_name).spec
-            paired = paired_from_records(base, cand, c.confidence) if c.stat == "paired" else None
-            return compare_task(
+            paired = paired_from_records(base, cand, c.confidence, horizon=horizon) if c.stat == "paired" else None
+            comparison = compare_task(
                 spec, results[BASELINE], results[recipe], threshold=c.threshold, floor=c.floor,
                 relative=c.relative, abstain=abstain, recipe=recipe, paired=paired,
                 flips=flips_of(item_pairs(base, cand), higher_is_better=spec.higher_is_better))
+            return comparison.model_copy(update={"adaptive": stop}) if stop is not None else comparison
 
         return self.runner.local(f"task-compare-{recipe}-{task_name}", build)
 

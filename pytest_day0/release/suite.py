@@ -152,6 +152,7 @@ def test_eval_complete(day0_chain: ReleaseChain, day0_side: str, day0_task: str,
     from pytest_day0.gates.run import assert_run, run_outcome
 
     needs(lambda: day0_chain.deployed(day0_side), f"deploy {day0_side}")
+    needs(lambda: day0_chain.not_stopped(day0_side, day0_task), f"adaptive evaluation of {day0_side}")
     result = owns(lambda: day0_chain.evaluation(day0_side, day0_task))
     check = owns(lambda: day0_chain.run_check(day0_side, day0_task))
     attach(request, run_outcome(check, result, recipe=None if day0_side == BASELINE else day0_side))
@@ -164,6 +165,7 @@ def test_eval_complete(day0_chain: ReleaseChain, day0_side: str, day0_task: str,
 def _both_sides(day0_chain: ReleaseChain, recipe: str, task: str) -> None:
     for side in (BASELINE, recipe):
         needs(lambda s=side: day0_chain.deployed(s), f"deploy {side}")  # type: ignore[misc]
+        needs(lambda s=side: day0_chain.not_stopped(s, task), f"adaptive evaluation of {side}")  # type: ignore[misc]
         needs(lambda s=side: day0_chain.evaluation(s, task), f"eval {side}/{task}")  # type: ignore[misc]
 
 

@@ -112,6 +112,10 @@ def _limits(comparisons: Sequence[TaskComparison]) -> str:
     family = next((x.family for x in comparisons if x.family), None)
     if family:
         line += f"\n  session control: {family}"
+    stops = [f"{x.task} {x.adaptive.evaluated}/{x.adaptive.task_size} ({x.adaptive.outcome.lower()}: "
+             f"{x.adaptive.reason})" for x in comparisons if x.adaptive is not None]
+    if stops:
+        line += "\n  adaptive, items evaluated: " + "; ".join(stops)
     return line
 
 
