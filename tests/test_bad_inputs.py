@@ -637,6 +637,8 @@ CASES = [
     P(task_files(MC, [S1, "{\"id\": \"2\", \"prompt\": "]), UC, "t.jsonl line 2", "task-bad-jsonl-line"),
     P(task_files(MC, [S1, S1.replace("1+1", "9+9")]), UC, "line 2: duplicate sample id '1'", "task-duplicate-ids"),
     P(task_files({**MC, "scale": "percent"}, [S1]), UC, "scale", "task-unknown-scale"),
+    P(task_files({**MC, "few_shot": 5}, [S1]), UC, "few_shot is not applied by the built-in scorer",
+      "task-few-shot-declared-but-never-applied"),
     P(task_files({**MC, "scale": [100, 0]}, [S1]), UC, "lo < hi", "task-scale-reversed"),
     P(task_files({k: v for k, v in MC.items() if k != "metric"}, [S1]), UC, "metric: Field required",
       "task-spec-missing-metric"),

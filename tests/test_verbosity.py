@@ -188,3 +188,23 @@ def test_chattier_candidate_is_verbosity_exceeded_in_a_session(
     row = next(line for line in md.splitlines() if line.startswith("| add |"))
     assert "| [-0.9, +0.9] |" in row and "| 400 |" in row and "exact McNemar, p=1 |" in row
     assert row.rstrip().endswith("| PASS |") and "Plot of Δ with its interval per task" in md
+
+
+def test_noise_in_a_few_samples_is_no_evidence_of_verbosity() -> None:
+    """The point rule says +8% on 10 samples whose counts wander; the exact paired interval does not: pass."""
+    from pytest_day0.gates.verbosity import check_verbosity
+
+    pairs = [(50.0, 58.0), (60.0, 52.0), (40.0, 51.0), (55.0, 60.0), (45.0, 49.0),
+             (50.0, 50.0), (52.0, 61.0), (48.0, 47.0), (58.0, 64.0), (42.0, 50.0)]
+    base = sum(b for b, _ in pairs) / len(pairs)
+    cand = sum(c for _, c in pairs) / len(pairs)
+    point = check_verbosity("gen", "generate", base, cand, n=10)
+    assert not point.passed and point.failure_class is FailureClass.VERBOSITY_EXCEEDED  # the skill's rule
+    evidence = check_verbosity("gen", "generate", base, cand, n=10, paired_tokens=pairs, max_tokens=256)
+    assert evidence.passed and "no evidence of a change beyond the limit" in evidence.message
+    low, high = evidence.numbers["verbosity_change_low"], evidence.numbers["verbosity_change_high"]
+    assert isinstance(low, float) and isinstance(high, float) and low < 0.05 < high
+    # a real, consistent change over many items is evidence
+    many = [(50.0, 60.0)] * 400
+    assert check_verbosity("gen", "generate", 50.0, 60.0, n=400, paired_tokens=many,
+                           max_tokens=256).failure_class is FailureClass.VERBOSITY_EXCEEDED

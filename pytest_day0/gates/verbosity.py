@@ -15,6 +15,10 @@ Where we differ, deliberately:
   sides' records are aligned by sample id upstream, and a side whose run gate failed is skipped here with its
   class.
 * A task that generates nothing (multiple choice by log-likelihood) skips with a reason instead of reading 0.
+* On evidence, not on a point estimate (a false REGRESSION is the worst thing a gate can say): with both sides'
+  per-item token counts, each bounded by the task's ``max_tokens``, the paired difference gets the same exact
+  betting interval as the quality gate (``stats.unit_interval``); VERBOSITY_EXCEEDED only when the whole interval
+  of the change is beyond the limit, like the floor. Without per-item counts, the skill's point rule.
 """
 
 from __future__ import annotations
@@ -47,6 +51,19 @@ def _usable(v: float | None) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
+def token_change_interval(pairs: list[tuple[float, float]], cap: float, confidence: float) -> tuple[float, float]:
+    """One-sided ``confidence`` bounds of the mean per-item change of completion tokens (candidate - baseline);
+    exact at every n because each count lies in [0, cap] (the task's max_tokens)."""
+    import numpy as np
+
+    from pytest_day0.gates.stats import evaluation_order, unit_interval
+
+    order = evaluation_order([str(i) for i in range(len(pairs))])
+    x = np.array([((pairs[int(i)][1] - pairs[int(i)][0]) / cap + 1) / 2 for i in order], dtype=np.float64)
+    low, high = unit_interval(np.clip(x, 0.0, 1.0), confidence)
+    return (2 * low - 1) * cap, (2 * high - 1) * cap
+
+
 def check_verbosity(
     task: str,
     kind: str,
@@ -56,8 +73,12 @@ def check_verbosity(
     n: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     short_tokens: float = SHORT_TOKENS,
+    paired_tokens: list[tuple[float, float]] | None = None,
+    max_tokens: float | None = None,
+    confidence: float = 0.95,
 ) -> VerbosityCheck:
-    """Compare mean completion tokens per sample of the two sides of one task."""
+    """Compare mean completion tokens per sample of the two sides of one task (on evidence when ``paired_tokens``
+    and ``max_tokens`` are given: see the module docstring)."""
     numbers: dict[str, float | int | str | None] = {
         "baseline_tokens": baseline_tokens, "candidate_tokens": candidate_tokens, "n": n,
         "verbosity_threshold": threshold,
@@ -84,6 +105,17 @@ def check_verbosity(
     text = f"{where} ({'+inf' if not math.isfinite(change) else f'{change:+.1%}'}, limit ±{threshold:.0%})"
     if note:
         text += f"; note: {note}"
+    if paired_tokens and max_tokens and baseline_tokens > _EPS:
+        low, high = token_change_interval(paired_tokens, max_tokens, confidence)
+        low_f, high_f = low / baseline_tokens, high / baseline_tokens
+        numbers.update({"verbosity_change_low": low_f, "verbosity_change_high": high_f})
+        text += f"; interval of the change [{low_f:+.1%}, {high_f:+.1%}] ({2 * confidence - 1:.0%}, exact)"
+        if low_f > threshold + _EPS or high_f < -threshold - _EPS:
+            return VerbosityCheck(task=task, passed=False, failure_class=FailureClass.VERBOSITY_EXCEEDED,
+                                  message=text + ": wholly beyond the limit", note=note, numbers=numbers)
+        return VerbosityCheck(task=task, passed=True, message=text + (
+            ": no evidence of a change beyond the limit" if abs(change) > threshold + _EPS else ""),
+            note=note, numbers=numbers)
     if abs(change) > threshold + _EPS:
         return VerbosityCheck(task=task, passed=False, failure_class=FailureClass.VERBOSITY_EXCEEDED, message=text,
                               note=note, numbers=numbers)

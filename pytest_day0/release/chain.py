@@ -645,9 +645,20 @@ class ReleaseChain:
         from pytest_day0.gates.verbosity import check_verbosity
 
         base, cand = self.evaluation(BASELINE, task_name), self.evaluation(recipe, task_name)
-        return check_verbosity(task_name, self.task(task_name).spec.kind, base.mean_completion_tokens,
-                               cand.mean_completion_tokens, n=min(base.scored_samples, cand.scored_samples),
-                               threshold=self.config.verbosity)
+        spec = self.task(task_name).spec
+        items = self.adaptive(recipe, task_name).evaluated if self.config.adaptive else None
+        tokens = {side: {r.id: float(r.completion_tokens) for r in self.records(side, task_name, items)
+                         if r.completion_tokens is not None and r.error is None} for side in (BASELINE, recipe)}
+        paired = [(tokens[BASELINE][i], tokens[recipe][i]) for i in tokens[recipe] if i in tokens[BASELINE]]
+        if items is not None:  # the baseline may have more items (another recipe needed them): this recipe's own
+            keep = set(tokens[recipe])
+            base_mean = sum(v for i, v in tokens[BASELINE].items() if i in keep) / max(len(keep), 1)
+            cand_mean = sum(tokens[recipe].values()) / max(len(keep), 1)
+        else:
+            base_mean, cand_mean = base.mean_completion_tokens, cand.mean_completion_tokens  # type: ignore[assignment]
+        return check_verbosity(task_name, spec.kind, base_mean, cand_mean, n=len(paired) or None,
+                               threshold=self.config.verbosity, paired_tokens=paired or None,
+                               max_tokens=float(spec.max_tokens), confidence=self.config.confidence)
 
     def published_check(self, task_name: str) -> PublishedCheck | None:
         """None when the baseline has no valid score to hold against its published one (the run gate says why)."""

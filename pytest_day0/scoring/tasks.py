@@ -45,6 +45,15 @@ class TaskSpec(BaseModel):
             raise ValueError(f"scale must be [lo, hi] with lo < hi, got {list(v)}")
         return v
 
+    @field_validator("few_shot")
+    @classmethod
+    def _no_silent_few_shot(cls, v: int) -> int:
+        # declared for years, never applied by the scorer: refusing it beats scoring 0-shot while the spec says 5
+        if v:
+            raise ValueError("few_shot is not applied by the built-in scorer: write the examples into each "
+                             "sample's prompt, or use the lm-eval engine (--day0-lm-eval-args num_fewshot=...)")
+        return v
+
     @field_validator("answer_pattern")
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
