@@ -366,3 +366,33 @@ def test_an_endpoint_that_is_down_or_refuses_is_a_named_class(tmp_path: Path) ->
     assert down.value.failure_class is FailureClass.INFRA_TRANSIENT and "HTTP 503" in down.value.message
     assert refused.value.failure_class is FailureClass.EVAL_JUDGE_FAILED
     assert "HTTP 400" in refused.value.message and "\n" not in refused.value.message
+
+
+def test_a_chat_template_asked_for_goes_through_chat_completions(demo_server: str, tmp_path: Path) -> None:
+    """--apply_chat_template: generation through local-chat-completions (the server applies the template);
+    multiple choice stays on local-completions with the rendered template, whose own BOS is not doubled: on the
+    demo (template = BOS + message) both ask exactly what the plain run asks."""
+    from pytest_day0.stages.evaluate_lm_eval import read_records
+
+    engine = eval_engine("lm-eval")
+    docs = tuple(str(i) for i in range(20))
+    runs: dict[str, dict[str, Any]] = {}
+    for label, args in (("plain", None), ("chat", "--apply_chat_template")):
+        ws = tmp_path / label
+        config = _engine_config(ws, tasks=("arc_like", "gsm_like"), lm_eval_args=args)
+        lines: list[str] = []
+        for task in ("arc_like", "gsm_like"):
+            result = engine.evaluate(_request(config, task, demo_server, ws, doc_ids=docs, log=lines.append))
+            assert result.status == "SUCCESS", result.first_error
+            runs.setdefault(label, {})[task] = read_records(Path(result.records_path))
+        runs[label]["log"] = lines
+    chat_log = " ".join(runs["chat"]["log"])
+    assert "gsm_like: lm-eval local-chat-completions" in chat_log
+    assert "arc_like: lm-eval local-completions (add_bos_token=False" in chat_log  # the template wrote it
+    assert "arc_like: lm-eval local-completions (add_bos_token=True" in " ".join(runs["plain"]["log"])
+    for task in ("arc_like", "gsm_like"):
+        plain = {r.id: r for r in runs["plain"][task]}
+        for rec in runs["chat"][task]:
+            assert rec.correct == plain[rec.id].correct and rec.response == plain[rec.id].response
+            if rec.choice_logprobs is not None:
+                assert rec.choice_logprobs == pytest.approx(plain[rec.id].choice_logprobs, abs=1e-4)

@@ -55,7 +55,8 @@ INSTALL_HINT = "pip install 'pytest-day0[lm-eval]' (lm-eval 0.4.13), or point --
 PROTO = "DAY0_LMEVAL "
 _PROGRESS = re.compile(r"^(?P<desc>[^:|]+):\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
 _CACHED = re.compile(r"Cached requests: (\d+), Requests remaining: (\d+)")
-_NOISE = ("it/s]", "s/it]", "Requesting API", "Checking cached requests", "Building contexts")
+_NOISE = ("it/s]", "s/it]", "Requesting API", "Checking cached requests", "Building contexts",
+          "Custom kwargs can be passed", "For example --metadata")  # progress bars; a warning every custom dataset gets
 
 
 def lm_eval_python(config: Any) -> str:
@@ -141,8 +142,11 @@ def resolve_plan(config: Any, progress: Callable[[str], None] | None = None) -> 
         reply, tail = _run_plan_child(python, child_env(config), plan_request(config), config.stage_timeout,
                                       ws.path("logs", f"lm-eval-plan-{path.stem}.log"))
         if not reply.get("ok"):
-            raise Day0Error(FailureClass(reply.get("failure_class", "USER_CONFIG_ERROR")),
-                            str(reply.get("message", "lm-eval could not resolve the tasks")) + _tail_text(tail))
+            failure = FailureClass(reply.get("failure_class", "USER_CONFIG_ERROR"))
+            message = str(reply.get("message", "lm-eval could not resolve the tasks"))
+            # a precise configuration error says it all; anything else carries lm-eval's last words
+            precise = failure is FailureClass.USER_CONFIG_ERROR and not reply.get("crashed")
+            raise Day0Error(failure, message if precise else message + _tail_text(tail))
         plan = LmEvalPlan.model_validate(reply)
         build_tasks(plan)  # a task that cannot be gated (no per-document metric) is refused here, once
         atomic_write_json(path, plan.model_dump(mode="json"))
@@ -178,7 +182,7 @@ def _run_plan_child(python: str, env: dict[str, str], request: dict[str, Any], t
         if line.startswith(PROTO):
             parsed: dict[str, Any] = json.loads(line[len(PROTO):])
             return parsed, tail
-    return {"ok": False, "failure_class": "USER_CONFIG_ERROR",
+    return {"ok": False, "failure_class": "USER_CONFIG_ERROR", "crashed": True,
             "message": f"the lm-eval worker ({python}) exited {proc.returncode} without an answer"}, tail
 
 
@@ -401,15 +405,15 @@ def evaluate(req: EvalRequest) -> TaskResult:
     key = metric_key(leaf, pt)
     job = job_for(req, plan)
     started = time.time()
-    last = [0.0]
+    last = [0.0, -1.0]  # time of the last report, and the count it reported (tqdm redraws a finished bar)
 
     def on_line(text: str) -> None:
         match = _PROGRESS.match(text)
         if match and match.group("desc").strip() == "Requesting API" and req.progress is not None:
             done, total = int(match.group("n")), int(match.group("total"))
             now = time.time()
-            if now - last[0] >= 0.5 or done == total:
-                last[0] = now
+            if done != last[1] and (now - last[0] >= 0.5 or done == total):
+                last[0], last[1] = now, done
                 req.progress(done, total)
             return
         cached = _CACHED.search(text)

@@ -303,6 +303,18 @@ def tokenizer_facts(tok: Any) -> dict[str, Any]:
     return {"add_bos_token": add_bos, "model_max_length": max_length, "special": special[:4], "plain": plain[:4]}
 
 
+def _template_writes_bos(tok: Any) -> bool:
+    """Does the chat template write the BOS token itself? Then a server encodes the rendered text without adding
+    special tokens (vLLM, the reference server), and lm-eval must not add a second BOS."""
+    if not getattr(tok, "chat_template", None) or not tok.bos_token:
+        return False
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except Exception:
+        return False
+    return isinstance(text, str) and text.startswith(tok.bos_token)
+
+
 def _max_position(path: str) -> int | None:
     try:
         config = json.loads((Path(path) / "config.json").read_text())
@@ -321,7 +333,10 @@ def model_args(caches: Caches, job: dict[str, Any]) -> tuple[dict[str, Any], dic
                                 "num_concurrent": job["concurrency"], "max_retries": 3, "timeout": 600}
         return {**ours, **user}, {}
     tok_path = str(user.get("tokenizer", job["tokenizer"]))
-    facts = tokenizer_facts(caches.tokenizer(tok_path))
+    tok = caches.tokenizer(tok_path)
+    facts = tokenizer_facts(tok)
+    if job.get("apply_chat_template") and facts["add_bos_token"] and _template_writes_bos(tok):
+        facts["add_bos_token"] = False  # the rendered chat text starts with BOS already, as the server sends it
     if facts["add_bos_token"] is None and "add_bos_token" not in user:
         raise JobError("EVAL_JUDGE_FAILED", f"the tokenizer at {tok_path} adds special tokens other than one leading "
                        f"BOS ({facts['special']} vs {facts['plain']}); lm-eval's token-id requests cannot mirror what "
