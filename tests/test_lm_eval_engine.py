@@ -396,3 +396,31 @@ def test_a_chat_template_asked_for_goes_through_chat_completions(demo_server: st
             assert rec.correct == plain[rec.id].correct and rec.response == plain[rec.id].response
             if rec.choice_logprobs is not None:
                 assert rec.choice_logprobs == pytest.approx(plain[rec.id].choice_logprobs, abs=1e-4)
+
+
+def test_the_bos_lm_eval_sends_is_the_servers_and_it_matters(demo_server: str, tmp_path: Path) -> None:
+    """The served tokenizer prepends BOS to a text prompt (its post-processor does, whatever tokenizer_config.json
+    declares), so the engine has lm-eval send token ids with BOS: its log-likelihoods are the scorer's to the last
+    digit. Forced off (--model_args add_bos_token=False, lm-eval's default), they are not: the check can fail."""
+    import transformers
+
+    from pytest_day0.scoring.tasks import load_task
+    from pytest_day0.stages.evaluate import read_records, run_evaluation
+    from pytest_day0.stages.lm_eval_worker import tokenizer_facts
+
+    facts = tokenizer_facts(transformers.AutoTokenizer.from_pretrained(DEMO))
+    assert facts["add_bos_token"] is True and facts["special"][0] == 1 and facts["plain"][0] != 1
+    n = 20
+    scored = run_evaluation(load_task("arc_like", n), Endpoint(url=demo_server, model="baseline"),
+                            tmp_path / "scorer.jsonl", "baseline")
+    scorer = list(read_records(Path(scored.records_path))[0].values())
+    engine = eval_engine("lm-eval")
+    worst = {}
+    for label, args in (("default", None), ("no-bos", "--model_args add_bos_token=False")):
+        ws = tmp_path / label
+        config = _engine_config(ws, tasks=("arc_like",), lm_eval_args=args)
+        result = engine.evaluate(_request(config, "arc_like", demo_server, ws, doc_ids=tuple(map(str, range(n)))))
+        lm = {r.id: r for r in read_records(Path(result.records_path))[0].values()}
+        worst[label] = max(abs(x - y) for i, rec in enumerate(scorer) for x, y in
+                           zip(rec.choice_logprobs or [], lm[str(i)].choice_logprobs or [], strict=True))
+    assert worst["default"] <= 1e-4 < worst["no-bos"], worst
