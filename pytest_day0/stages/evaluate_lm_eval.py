@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -100,24 +101,37 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _folder_digest(folder: Path) -> str:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix in {".yaml", ".yml", ".py", ".json",
-                                                                                   ".jsonl", ".txt"}
-                                                                       or p.name.endswith("_yaml")))
-    return digest([(str(p.relative_to(folder)), file_digest(p)) for p in files if "__pycache__" not in p.parts])
+    """The task files under ``folder`` by content; hashed again only when one changed (size, mtime, inode)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                   and (p.suffix in {".yaml", ".yml", ".py", ".json", ".jsonl", ".txt"} or p.name.endswith("_yaml")))
+    stats = []
+    for path in files:
+        st = path.stat()
+        stats.append((str(path), str(path.relative_to(folder)), st.st_size, st.st_mtime_ns, st.st_ino))
+    return _files_digest(tuple(stats))
+
+
+@functools.lru_cache(maxsize=64)
+def _files_digest(stats: tuple[tuple[str, str, int, int, int], ...]) -> str:
+    return digest([(rel, file_digest(Path(path))) for path, rel, *_ in stats])
 
 
 def plan_request(config: Any) -> dict[str, Any]:
+    """``DAY0_LM_EVAL_FULL_INDEX=1`` resolves with lm-eval's whole task index even when the included folders
+    suffice (what resolving lm-eval's own tasks costs: bench/bench_lm_eval_engine.py measures it this way)."""
     requests = [parse_task_request(t) for t in config.tasks]
     return {"ours": str(TASKS_DIR), "user_include": [str(p) for p in config.lm_eval_include],
-            "requests": [{"name": r.name, "num_fewshot": r.num_fewshot} for r in requests]}
+            "requests": [{"name": r.name, "num_fewshot": r.num_fewshot} for r in requests],
+            "full_index": os.environ.get("DAY0_LM_EVAL_FULL_INDEX", "") not in ("", "0")}
 
 
 def plan_path(config: Any, python: str, version: str) -> Path:
     """A plan is reused while lm-eval's version, the names, and every included task file (ours and the user's,
     the demo's data too) are the same."""
     request = plan_request(config)
-    key = digest(version, python, request["requests"], _folder_digest(TASKS_DIR), _folder_digest(TASKS_DIR.parent
-                 / "demo" / "tasks"), [(p, _folder_digest(Path(p))) for p in request["user_include"]])
+    demo_tasks = TASKS_DIR.parent / "demo" / "tasks"
+    key = digest(version, python, request["requests"], request["full_index"], _folder_digest(TASKS_DIR),
+                 _folder_digest(demo_tasks), [(p, _folder_digest(Path(p))) for p in request["user_include"]])
     return Path(config.workdir) / "lm-eval" / "plans" / f"{key}.json"
 
 

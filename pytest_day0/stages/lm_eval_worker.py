@@ -69,7 +69,7 @@ def _guard_downloads() -> None:
     from lm_eval.api.task import ConfigurableTask
 
     original = ConfigurableTask.download
-    if getattr(original, "_day0_guard", False):
+    if getattr(original, "day0_guard", False):
         return
 
     def download(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -79,7 +79,7 @@ def _guard_downloads() -> None:
             cfg = self.config
             raise DatasetUnavailable(str(cfg.task), cfg.dataset_path, cfg.dataset_name, exc) from exc
 
-    download._day0_guard = True  # type: ignore[attr-defined]
+    download.day0_guard = True  # type: ignore[attr-defined]
     ConfigurableTask.download = download  # type: ignore[method-assign]
 
 
@@ -246,7 +246,7 @@ def plan(caches: Caches, request: dict[str, Any]) -> dict[str, Any]:
     include = [str(request["ours"]), *(str(p) for p in request["user_include"])]
     names = [(str(r["name"]), r.get("num_fewshot")) for r in request["requests"]]
     local = caches.manager(include, False)
-    if all(name in local.all_tasks or Path(name).is_file() for name, _ in names):
+    if not request.get("full_index") and all(name in local.all_tasks or Path(name).is_file() for name, _ in names):
         try:
             return _plan_with(local, names, defaults=False)
         except JobError as exc:
