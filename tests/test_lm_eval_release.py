@@ -17,6 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -231,3 +235,50 @@ def test_a_dataset_neither_cached_nor_reachable_is_one_line_before_anything_runs
     assert "lm-eval task my_mc: dataset day0-tests/never-cached (main) is neither cached nor reachable" in line
     assert "python -c \"import datasets; datasets.load_dataset('day0-tests/never-cached', 'main')\"" in line
     assert not (ws / "events.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- signals
+
+
+def _lm_eval_workers_of(parent: int) -> list[int]:
+    """Live lm-eval worker processes whose parent is ``parent`` (from /proc, not from the plugin)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if "pytest_day0.stages.lm_eval_worker" in cmd and ppid == parent:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_stop_the_lm_eval_worker(tmp_path: Path, shared_ws: Path, signum: int) -> None:
+    fp8 = chain_of(shared_ws, recipe="fp8").quantized("fp8").checkpoint
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "DAY0_", "GITHUB_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *COMMON, "--recipe=fp8", "--day0-quantize=existing",
+         f"--day0-checkpoint={fp8}", "--day0-eval=lm-eval", "--day0-tasks=arc_like", f"--day0-workdir={tmp_path}/ws",
+         "-q"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not _lm_eval_workers_of(proc.pid) and proc.poll() is None:
+            time.sleep(0.2)
+        workers = _lm_eval_workers_of(proc.pid)
+        assert workers, "no lm-eval worker came up to be interrupted"
+        time.sleep(2.0)  # the worker is evaluating arc_like (1,200 requests)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, out[-2000:]
+    deadline = time.time() + 15
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), out[-2000:]

@@ -41,6 +41,7 @@ from pytest_day0.scoring.lm_eval_plan import (
     LmEvalPlan,
     build_tasks,
     metric_key,
+    not_compared,
     records_from_lines,
     task_result,
 )
@@ -207,7 +208,12 @@ def load_plan(config: Any) -> LmEvalPlan:
 def chain_tasks(config: Any, progress: Callable[[str], None] | None = None) -> list[Task]:
     """The run's tasks in lm-eval engine mode: every leaf, and every group compared as a whole
     (``--day0-limit`` keeps each task's first N documents)."""
-    return build_tasks(resolve_plan(config, progress), config.limit)
+    plan = resolve_plan(config, progress)
+    tasks = build_tasks(plan, config.limit)
+    if progress is not None:
+        for group, why in not_compared(plan).items():
+            progress(f"[day0] lm-eval group {group} is compared through its subtasks only: {why}")
+    return tasks
 
 
 # ---------------------------------------------------------------------- the worker (one per pytest process)
