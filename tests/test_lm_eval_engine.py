@@ -424,3 +424,19 @@ def test_the_bos_lm_eval_sends_is_the_servers_and_it_matters(demo_server: str, t
         worst[label] = max(abs(x - y) for i, rec in enumerate(scorer) for x, y in
                            zip(rec.choice_logprobs or [], lm[str(i)].choice_logprobs or [], strict=True))
     assert worst["default"] <= 1e-4 < worst["no-bos"], worst
+
+
+def test_only_the_worker_imports_lm_eval() -> None:
+    """lm-eval never enters the pytest process (a session that does not use it never loads it; one that does runs
+    it in the worker child): read from the source, function-level imports included."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "pytest_day0"
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "lm_eval" or n.startswith("lm_eval.") for n in names):
+                importers.add(str(path.relative_to(package)))
+    assert importers == {"stages/lm_eval_worker.py"}

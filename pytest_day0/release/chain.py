@@ -424,9 +424,11 @@ class ReleaseChain:
         self.ws.event("eval_run", side=side, task=task.name, session=self.session_id, attempt=attempt)
         last = [0.0]
         reused = [-1]  # the engine reports its first progress before sending anything: that count was reused
+        counted = [len(task.samples)]  # what the engine counts (samples; lm-eval: requests), for eval_done
         started = time.time()
 
         def on_progress(done_n: int, total: int) -> None:
+            counted[0] = total
             if reused[0] < 0:
                 reused[0] = done_n
             now = time.time()
@@ -439,10 +441,9 @@ class ReleaseChain:
             EvalRequest(task, endpoint, path, side, concurrency=self.config.concurrency, progress=on_progress,
                         timeout_s=self.config.stage_timeout, config=self.config, tokenizer=self.tokenizer(),
                         log=self.progress)))
-        total = len(task.samples)
         self.ws.event("eval_done", side=side, task=task.name, session=self.session_id, attempt=attempt,
                       reused=reused[0] if reused[0] >= 0 else None,
-                      requested=total - reused[0] if reused[0] >= 0 else None,
+                      requested=counted[0] - reused[0] if reused[0] >= 0 else None, unit=engine.progress_unit,
                       scored=result.scored_samples, errored=result.errored_samples)
         return result
 

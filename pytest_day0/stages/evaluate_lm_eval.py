@@ -425,21 +425,29 @@ def evaluate(req: EvalRequest) -> TaskResult:
     key = metric_key(leaf, pt)
     job = job_for(req, plan)
     started = time.time()
-    last = [0.0, -1.0]  # time of the last report, and the count it reported (tqdm redraws a finished bar)
+    last_time = [0.0]  # when progress was last reported
+    counts = [-1, 0]  # the count last reported (tqdm redraws a finished bar), requests the cache answered
 
     def on_line(text: str) -> None:
+        """lm-eval's "Cached requests: X, Requests remaining: Y" comes first, then its "Requesting API" bar over
+        the Y it sends: progress counts all X + Y, starting at X (what the chain records as reused)."""
         match = _PROGRESS.match(text)
         if match and match.group("desc").strip() == "Requesting API" and req.progress is not None:
-            done, total = int(match.group("n")), int(match.group("total"))
+            done, total = counts[1] + int(match.group("n")), counts[1] + int(match.group("total"))
             now = time.time()
-            if done != last[1] and (now - last[0] >= 0.5 or done == total):
-                last[0], last[1] = now, done
+            if done != counts[0] and (now - last_time[0] >= 0.5 or done == total):
+                last_time[0], counts[0] = now, done
                 req.progress(done, total)
             return
         cached = _CACHED.search(text)
-        if cached and req.log is not None:
-            req.log(f"[day0]   {req.side}/{leaf}: lm-eval request cache answers {cached.group(1)}, "
-                    f"{cached.group(2)} to send")
+        if cached:
+            hits, rest = int(cached.group(1)), int(cached.group(2))
+            counts[1] = hits
+            if req.log is not None:
+                req.log(f"[day0]   {req.side}/{leaf}: lm-eval request cache answers {hits}, {rest} to send")
+            if req.progress is not None:
+                counts[0] = hits
+                req.progress(hits, hits + rest)
 
     worker = POOL.get(config)
     what = f"eval {req.side}/{leaf} (lm-eval)"
