@@ -45,6 +45,10 @@ banner "scorer vs lm-eval-harness local-completions"
 if [ -f bench/install-lm-eval.sh ] && [ -f bench/bench_scorer_vs_lm_eval.py ]; then
   if bash bench/install-lm-eval.sh "$PY"; then
     run scorer_vs_lm_eval "$PY" bench/bench_scorer_vs_lm_eval.py
+    banner "lm-eval engine vs the lm-eval CLI by hand (the engine's index: included folders, then lm-eval's full one)"
+    run lm_eval_engine "$PY" bench/bench_lm_eval_engine.py
+    run lm_eval_engine_full_index "$PY" bench/bench_lm_eval_engine.py --full-index \
+      --out bench/results/lm_eval_engine_full_index.json
   else
     failed+=(install-lm-eval); echo "[bench] bench/install-lm-eval.sh FAILED: scorer vs lm-eval not run"
   fi

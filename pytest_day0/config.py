@@ -67,7 +67,12 @@ class RunConfig(BaseModel):
     workdir: Path = Path(".day0")
     quantize: str = "modelopt"  # "none" or a registered quantize engine (pytest_day0.engines)
     checkpoint: Path | None = None
-    eval: str = "scorer"  # "lm-eval" or a registered eval engine
+    eval: str = "scorer"  # a registered eval engine (scorer, lm-eval, a plugin's)
+    suite: str | None = None
+    suites: str | None = None
+    lm_eval_include: tuple[Path, ...] = ()
+    lm_eval_args: str | None = None
+    lm_eval_python: str | None = None
     lm_eval_baseline: Path | None = None
     lm_eval_candidate: Path | None = None
     serve: str = "reference"  # a registered serve engine
@@ -126,9 +131,27 @@ class RunConfig(BaseModel):
         from pytest_day0.engines import registry
 
         v = v.strip()
-        if (info.field_name, v) not in {("quantize", "none"), ("eval", "lm-eval")}:
+        if (info.field_name, v) != ("quantize", "none"):
             registry().get(info.field_name, v)  # Day0Error: one USER_CONFIG_ERROR line naming the registered ones
         return v
+
+    @field_validator("lm_eval_args")
+    @classmethod
+    def _lm_eval_args(cls, v: str | None) -> str | None:
+        from pytest_day0.scoring.lm_eval_settings import parse_lm_eval_args
+
+        parse_lm_eval_args(v)  # SettingsError (a ValueError) -> one USER_CONFIG_ERROR line
+        return v
+
+    @field_validator("lm_eval_include", mode="before")
+    @classmethod
+    def _include_dirs(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = tuple(p.strip() for p in v.split(",") if p.strip())
+        for folder in v or ():
+            if not Path(folder).expanduser().is_dir():
+                raise ValueError(f"{folder} is not a folder (of lm-eval task YAMLs)")
+        return tuple(Path(folder).expanduser().resolve() for folder in v or ())
 
     @field_validator("vllm_args")
     @classmethod
@@ -154,13 +177,21 @@ class RunConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _lm_eval_defaults(cls, data: Any) -> Any:
-        """lm-eval folders imply ``eval=lm-eval``, which gates no PTQ (quantize none) over every logged task."""
+        """lm-eval folders imply ``eval=lm-eval`` in reading mode, which gates no PTQ (quantize none) over every
+        logged task; a suite implies the lm-eval engine and gives the task list."""
         if not isinstance(data, dict):
             return data
-        if (data.get("lm_eval_baseline") or data.get("lm_eval_candidate")) and "eval" not in data:
+        folders = bool(data.get("lm_eval_baseline") or data.get("lm_eval_candidate"))
+        if (folders or data.get("suite")) and "eval" not in data:
             data = {**data, "eval": "lm-eval"}
-        if data.get("eval") == "lm-eval":
+        if data.get("eval") == "lm-eval" and folders:
             data = {"quantize": "none", "tasks": (), **data}
+        if data.get("suite"):
+            from pytest_day0.scoring.lm_eval_settings import load_suites, suite_tasks
+
+            if data.get("tasks"):
+                raise ValueError("give --day0-suite or --day0-tasks, not both")
+            data = {**data, "tasks": suite_tasks(str(data["suite"]), load_suites(data.get("suites")))}
         return data
 
     @field_validator("published")
@@ -210,22 +241,37 @@ class RunConfig(BaseModel):
         if self.adaptive and self.relative:
             raise ValueError("--day0-adaptive stops against fixed limits; --day0-relative makes them depend on the "
                              "measured baseline: use one or the other")
-        if self.adaptive and self.eval == "lm-eval" and (self.lm_eval_baseline or self.lm_eval_candidate):
+        if self.adaptive and self.lm_eval_folders:
             raise ValueError("--day0-adaptive chooses which items to evaluate: finished lm-eval folders have none "
                              "left to choose")
-        if self.eval == "lm-eval":
+        if self.adaptive and self.eval == "lm-eval":
+            raise ValueError("--day0-adaptive runs with the built-in scorer (--day0-eval builtin); the lm-eval "
+                             "engine evaluates whole tasks")
+        if self.lm_eval_folders:
             if not (self.lm_eval_baseline and self.lm_eval_candidate):
-                raise ValueError("--day0-eval lm-eval needs --day0-lm-eval-baseline and --day0-lm-eval-candidate")
+                raise ValueError("reading lm-eval folders needs --day0-lm-eval-baseline and --day0-lm-eval-candidate "
+                                 "(without either, --day0-eval lm-eval runs lm-eval here)")
+            if self.eval != "lm-eval":
+                raise ValueError("--day0-lm-eval-baseline/--day0-lm-eval-candidate need --day0-eval lm-eval")
+            if self.suite:
+                raise ValueError("--day0-suite runs lm-eval here; lm-eval folders are read as they are "
+                                 "(choose tasks with --day0-tasks)")
             if self.quantize == "modelopt":
                 raise ValueError("--day0-eval lm-eval reads finished results: use --day0-quantize none (the "
                                  "default) or existing with --day0-checkpoint")
             if len(self.recipes) != 1:
                 raise ValueError("--day0-eval lm-eval compares one candidate: give exactly one --recipe (its label)")
-        elif self.lm_eval_baseline or self.lm_eval_candidate:
-            raise ValueError("--day0-lm-eval-baseline/--day0-lm-eval-candidate need --day0-eval lm-eval")
         elif self.quantize == "none" and self.serve != "external":
             raise ValueError("--day0-quantize none leaves nothing to serve: use --day0-serve external or "
                              "--day0-eval lm-eval")
+        if self.lm_eval_engine:
+            from pytest_day0.scoring.lm_eval_settings import parse_task_request
+
+            for task in self.tasks:
+                parse_task_request(task)
+        elif self.suite or self.lm_eval_include or self.lm_eval_args or self.lm_eval_python:
+            raise ValueError("--day0-suite, --day0-lm-eval-include, --day0-lm-eval-args and --day0-lm-eval-python "
+                             "set the lm-eval engine: add --day0-eval lm-eval")
         if self.executor == "local":
             for name, flag in (("ptq_command", "--day0-ptq-command"), ("serve_command", "--day0-serve-command"),
                                ("remote_model", "--day0-remote-model"), ("sbatch_args", "--day0-sbatch-args")):
@@ -238,6 +284,15 @@ class RunConfig(BaseModel):
     @property
     def enabled(self) -> bool:
         return self.model is not None
+
+    @property
+    def lm_eval_folders(self) -> bool:
+        """lm-eval output folders given: read them (nothing served); else ``eval=lm-eval`` runs lm-eval here."""
+        return bool(self.lm_eval_baseline or self.lm_eval_candidate)
+
+    @property
+    def lm_eval_engine(self) -> bool:
+        return self.eval == "lm-eval" and not self.lm_eval_folders
 
     @property
     def recipe_objects(self) -> tuple[Recipe, ...]:

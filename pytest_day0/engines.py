@@ -49,6 +49,7 @@ BUILTIN: dict[str, str] = {
     "external": "pytest_day0.engines:EXTERNAL",
     "vllm": "pytest_day0.stages.serve_vllm:ENGINE",
     "scorer": "pytest_day0.engines:SCORER",
+    "lm-eval": "pytest_day0.stages.evaluate_lm_eval:ENGINE",
 }
 
 
@@ -84,7 +85,11 @@ class ServeRequest:
 @dataclass(frozen=True)
 class EvalRequest:
     """Score ``task`` on ``endpoint`` into ``records_path`` (resumable); give up after ``timeout_s`` with
-    Day0Error(INFRA_TRANSIENT) naming the stage, keeping every finished record for the retry."""
+    Day0Error(INFRA_TRANSIENT) naming the stage, keeping every finished record for the retry.
+
+    ``doc_ids``: evaluate only these samples of the task (None: all of ``task.samples``), for callers that pick a
+    subset (adaptive rounds). ``tokenizer``: the served model's tokenizer (a local directory or a hub id), for
+    engines that count tokens or tokenize requests themselves. ``log``: free-text progress lines."""
 
     task: Task
     endpoint: Endpoint
@@ -93,6 +98,10 @@ class EvalRequest:
     concurrency: int
     progress: Callable[[int, int], None] | None = None
     timeout_s: float | None = None
+    config: Any = None
+    doc_ids: tuple[str, ...] | None = None
+    tokenizer: str | None = None
+    log: Callable[[str], None] | None = None
 
 
 # ---------------------------------------------------------------------- engine descriptors
@@ -142,12 +151,19 @@ class ServeEngine:
 class EvalEngine:
     """``evaluate`` scores one task on one side and returns its TaskResult (records at ``records_path``).
 
-    ``version(config)`` goes into the records' key: a scorer whose semantics changed never reuses old records."""
+    ``version(config)`` goes into the records' key: a scorer whose semantics changed never reuses old records.
+    ``cached(task, records_path, side)`` answers from an earlier run's records without a server, or None (default:
+    the scorer's rule, every sample's record present with its prompt hash). ``progress_unit`` names what
+    ``progress(done, total)`` counts. ``tasks(config, progress)``: an engine that resolves ``--day0-tasks`` names
+    itself (lm-eval's registry) returns the run's tasks (default: pytest-day0's task files)."""
 
     name: str
     evaluate: Callable[[EvalRequest], TaskResult]
     description: str = ""
     version: Callable[[Any], str | None] = _no_version
+    cached: Callable[[Task, Path, str], TaskResult | None] | None = None
+    progress_unit: str = "samples"
+    tasks: Callable[[Any, Callable[[str], None] | None], list[Task]] | None = None
     kind: Literal["eval"] = field(default="eval", init=False)
 
 

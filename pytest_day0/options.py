@@ -37,7 +37,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "--day0-model", "model to release: 'demo' (embedded), a local checkpoint path or a cached HF id"),
     Option("recipe", "--recipe", "quantization recipe(s), comma separated, as hf_ptq.py names them (fp8, nvfp4, "
            "int4_awq, ...)", default="fp8"),
-    Option("tasks", "--day0-tasks", "comma separated built-in task names or task spec files (default: the demo tasks)"),
+    Option("tasks", "--day0-tasks", "comma separated built-in task names or task spec files (default: the demo tasks); "
+           "with --day0-eval lm-eval, lm-eval task, group or tag names (groups expand to their subtasks)"),
+    Option("suite", "--day0-suite", "a named task list for the lm-eval engine: smoke, standard, or one defined with "
+           "--day0-suites (implies --day0-eval lm-eval)"),
+    Option("suites", "--day0-suites", "YAML file (or, in ini, YAML text) defining suites: name: [task, ...] or name: "
+           "{tasks: [...], description: ...}; a task may be {task: NAME, num_fewshot: N}"),
     Option("limit", "--day0-limit", "evaluate only the first N samples of each task", kind="int"),
     Option("threshold", "--day0-threshold", "quality tier: largest allowed drop as a fraction of the task's range "
            "(0.01 = 1 point on 0-100)", kind="float", default=0.01),
@@ -60,8 +65,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("quantize", "--day0-quantize", "quantize engine: modelopt, llmcompressor, existing, one a plugin registers "
            "(pytest_day0.engines), or none (no checkpoint, the PTQ gates skip)", default="modelopt"),
     Option("checkpoint", "--day0-checkpoint", "an already quantized checkpoint (with --day0-quantize existing)"),
-    Option("eval", "--day0-eval", "where scores come from: scorer (serve and score here), lm-eval (read two "
-           "lm-eval-harness output folders) or an eval engine a plugin registers", default="scorer"),
+    Option("eval", "--day0-eval", "where scores come from: scorer (serve and score here), lm-eval (serve here and "
+           "run lm-eval-harness against each side; with --day0-lm-eval-baseline/-candidate: read two finished "
+           "lm-eval output folders instead) or an eval engine a plugin registers", default="scorer"),
+    Option("lm_eval_include", "--day0-lm-eval-include", "comma separated folders of your own lm-eval task YAMLs "
+           "(lm-eval's --include_path)"),
+    Option("lm_eval_args", "--day0-lm-eval-args", "lm-eval settings for both sides, lm-eval CLI syntax: "
+           "'--num_fewshot 5 --apply_chat_template --gen_kwargs max_gen_toks=512 --model_args max_length=8192' "
+           "(also --system_instruction, --fewshot_as_multiturn, --seed N, --confirm_run_unsafe_code)"),
+    Option("lm_eval_python", "--day0-lm-eval-python", "python that runs lm-eval (default: this interpreter; install "
+           "with pip install 'pytest-day0[lm-eval]')"),
     Option("lm_eval_baseline", "--day0-lm-eval-baseline", "lm-eval --output_path folder of the baseline (run with "
            "--log_samples); implies --day0-eval lm-eval"),
     Option("lm_eval_candidate", "--day0-lm-eval-candidate", "lm-eval --output_path folder of the candidate"),

@@ -9,6 +9,7 @@ is given: a session that does not use it pays one option table and one config ch
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,16 +146,8 @@ def pytest_configure(config: pytest.Config) -> None:
             resolve_model(run.model)
         except Day0Error as exc:
             raise pytest.UsageError(str(exc)) from None
-    from pytest_day0.scoring.tasks import load_task
-
     try:
-        if run.eval == "lm-eval":  # the tasks are whatever the baseline's lm-eval results logged samples for
-            from pytest_day0.scoring.lm_eval import task_names
-
-            assert run.lm_eval_baseline is not None
-            names = task_names(run.lm_eval_baseline, run.tasks)
-        else:
-            names = [load_task(t, run.limit).name for t in run.tasks]
+        names = _task_names(config, run)
     except Day0Error as exc:
         raise pytest.UsageError(str(exc)) from None
     workerinput = getattr(config, "workerinput", None)
@@ -173,6 +166,31 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"[{FailureClass.USER_CONFIG_ERROR}] --day0-workdir {run.workdir}: {exc}") \
                 from None
         _terminate_as_interrupt()
+
+
+def _task_names(config: pytest.Config, run: RunConfig) -> list[str]:
+    """The names the suite is parametrized with: task files, what lm-eval folders logged, or what an engine that
+    resolves names itself (lm-eval's registry) makes of them. Its progress lines reach the terminal (the first
+    resolution of lm-eval names loads datasets); an xdist worker reads the controller's resolution back."""
+    if run.lm_eval_folders:  # the tasks are whatever the baseline's lm-eval results logged samples for
+        from pytest_day0.scoring.lm_eval import task_names
+
+        assert run.lm_eval_baseline is not None
+        return task_names(run.lm_eval_baseline, run.tasks)
+    from pytest_day0.engines import eval_engine
+
+    engine = eval_engine(run.eval)
+    if engine.tasks is not None:
+        quiet = config.get_verbosity() < 0 or getattr(config, "workerinput", None) is not None
+
+        def say(line: str) -> None:
+            if not quiet:
+                print(line, file=sys.stderr, flush=True)
+
+        return [t.name for t in engine.tasks(run, say)]
+    from pytest_day0.scoring.tasks import load_task
+
+    return [load_task(t, run.limit).name for t in run.tasks]
 
 
 def _terminate_as_interrupt() -> None:

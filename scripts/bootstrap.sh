@@ -20,7 +20,7 @@ fi
 stamp="$TORCH $(sha256sum pyproject.toml | cut -d' ' -f1)"
 # Installed distributions are read from their metadata, not imported (importing torch + modelopt takes seconds).
 if [ "$(cat .venv/.day0-bootstrap 2>/dev/null)" = "$stamp" ] && python -c "import importlib.metadata as m
-for d in ('pytest-day0', 'torch', 'nvidia-modelopt', 'transformers', 'pytest-xdist', 'pytest-json-report'):
+for d in ('pytest-day0', 'torch', 'nvidia-modelopt', 'transformers', 'pytest-xdist', 'pytest-json-report', 'lm-eval'):
     m.version(d)" 2>/dev/null; then
   exit 0
 fi
@@ -41,6 +41,7 @@ EOF
   fi
 fi
 python -m pip install -q "$TORCH" "${torch_from[@]}"
-python -m pip install -q -e ".[local,dev]"
+# lm-eval: the lm-eval engine (--day0-eval lm-eval) and its tests; its pins leave torch and transformers alone.
+python -m pip install -q -e ".[local,dev,lm-eval]"
 python -c "import torch; print(f'[bootstrap] torch {torch.__version__}, CUDA build: {torch.version.cuda or \"no\"}')"
 echo "$stamp" > .venv/.day0-bootstrap

@@ -122,11 +122,23 @@ class ReleaseChain:
             self.source(), cache=self.ws.root / "fingerprints.json"))
 
     def tasks(self) -> list[Task]:
-        if self.config.eval == "lm-eval":  # scores from lm-eval folders: the tasks are what the baseline logged
+        if self.config.lm_eval_folders:  # scores from lm-eval folders: the tasks are what the baseline logged
             from pytest_day0.scoring import lm_eval
 
             return self.runner.local("tasks", lambda: lm_eval.run_tasks(self.config))
+        engine = eval_engine(self.config.eval)
+        if engine.tasks is not None:  # the engine resolves the names itself (lm-eval's registry)
+            resolve = engine.tasks
+            return self.runner.local("tasks", lambda: resolve(self.config, self.progress))
         return self.runner.local("tasks", lambda: [load_task(t, self.config.limit) for t in self.config.tasks])
+
+    def tokenizer(self) -> str | None:
+        """The served model's tokenizer for engines that tokenize themselves: the source checkpoint, else (an
+        external endpoint gated by name) the model name as a hub id."""
+        try:
+            return str(self.source())
+        except Day0Error:
+            return self.config.model
 
     def task(self, name: str) -> Task:
         for task in self.tasks():
@@ -278,6 +290,7 @@ class ReleaseChain:
             return self.runner.local(f"endpoint-{side}", lambda: engine.start(ServeRequest(
                 Path(), side, self.ws.root / "logs", timeout_s=min(c.stage_timeout, 60), config=c,
                 progress=self.progress)).endpoint)
+        self.tasks()  # tasks that cannot run (unknown, a dataset out of reach) stop the side before a server starts
         checkpoint = self.side_checkpoint(side)  # an upstream failure is that stage's, not this one's
         side_key = self.side_key(side)
         registry = self._registry_path(side_key)
@@ -336,12 +349,12 @@ class ReleaseChain:
             upstream = self.infeasible_upstream(side)
             if upstream is not None:
                 raise upstream
-        if self.config.eval != "lm-eval":
+        if not self.config.lm_eval_folders:
             self.deploy(side)
 
     def _canary_prompt(self) -> str:
-        tasks = self.tasks()
-        return tasks[0].samples[0].prompt if tasks else "Hello"
+        """A prompt of the run's first task (lm-eval builds its prompts itself: then a plain greeting)."""
+        return next((s.prompt for t in self.tasks() for s in t.samples[:1] if s.prompt), "Hello")
 
     # ------------------------------------------------------------------ evaluate
 
@@ -351,11 +364,16 @@ class ReleaseChain:
                                 engine_version=engine.version(self.config))
         return self.ws.path("evals", self.side_key(side), f"{name}.jsonl")
 
-    def _all_evals_cached(self, side: str) -> bool:
+    def _cached(self, task: Task, path: Path, side: str) -> TaskResult | None:
         from pytest_day0.stages.evaluate import cached_result
 
+        engine = eval_engine(self.config.eval)
+        return (engine.cached or cached_result)(task, path, side)
+
+    def _all_evals_cached(self, side: str) -> bool:
         try:
-            return all(cached_result(t, self.records_path(side, t), side) is not None for t in self.tasks())
+            return all(t.members or self._cached(t, self.records_path(side, t), side) is not None
+                       for t in self.tasks())
         except Day0Error:
             return False
 
@@ -363,11 +381,13 @@ class ReleaseChain:
         """One side's evaluation of a task: all its items, or (``--day0-adaptive``) the prefix of its seeded order
         that the lockstep rounds needed (for the baseline, the longest any recipe needed)."""
         task = self.task(task_name)
-        if self.config.eval == "lm-eval":  # read, not served: the records land in the workspace like scored ones
+        if self.config.lm_eval_folders:  # read, not served: the records land in the workspace like scored ones
             from pytest_day0.scoring import lm_eval
 
             return self.runner.local(f"eval-{side}-{task.name}", lambda: lm_eval.side_result(
                 self.config, side, task.name, self.ws.root))
+        if task.members:  # an aggregate (an lm-eval group): its members' evaluations, combined
+            return self.runner.local(f"eval-{side}-{task.name}", lambda: self._members_evaluation(side, task))
         if self.config.adaptive:
             return self._evaluate(side, self._prefix(task, self._evaluated_items(side, task.name)))
         return self._evaluate(side, task)
@@ -375,13 +395,11 @@ class ReleaseChain:
     def _evaluate(self, side: str, task: Task, *, first_round: bool = True) -> TaskResult:
         """Evaluate ``task``'s samples on ``side`` once per session (any process). A subset of a task (an adaptive
         round) shares the task's records file, so a later round sends only the items it adds."""
-        from pytest_day0.stages.evaluate import cached_result
-
         path = self.records_path(side, task)
         full = len(task.samples) == len(self.task(task.name).samples)
 
         def build() -> TaskResult:
-            done = cached_result(task, path, side)
+            done = self._cached(task, path, side)
             if done is not None:
                 return done
             result = self._evaluate_once(side, task, path, attempt=1)
@@ -527,29 +545,44 @@ class ReleaseChain:
         by_id, _ = read_records(self.records_path(side, task))
         return [by_id[s.id] for s in task.samples if s.id in by_id]
 
+    def _members_evaluation(self, side: str, task: Task) -> TaskResult:
+        """Each member evaluated (run once, like any task), their records united under ``<member>/<id>`` ids."""
+        from pytest_day0.scoring.metrics import member_records, members_result
+        from pytest_day0.workspace import atomic_write_text
+
+        results = {m: self.evaluation(side, m) for m in task.members}
+        records = member_records(task.name, {m: self.records(side, m) for m in task.members})
+        path = self.records_path(side, task)
+        atomic_write_text(path, "".join(r.model_dump_json() + "\n" for r in records))
+        return members_result(task.spec, [s.id for s in task.samples], records, results, side=side,
+                              records_path=str(path))
+
     def _evaluate_once(self, side: str, task: Task, path: Path, attempt: int) -> TaskResult:
         endpoint = self.endpoint(side)
+        engine = eval_engine(self.config.eval)
         self.ws.event("eval_run", side=side, task=task.name, session=self.session_id, attempt=attempt)
         last = [0.0]
         reused = [-1]  # the engine reports its first progress before sending anything: that count was reused
+        counted = [len(task.samples)]  # what the engine counts (samples; lm-eval: requests), for eval_done
         started = time.time()
 
         def on_progress(done_n: int, total: int) -> None:
+            counted[0] = total
             if reused[0] < 0:
                 reused[0] = done_n
             now = time.time()
             if now - last[0] >= 5 or done_n == total:
                 last[0] = now
                 rate = done_n / max(now - started, 1e-6)
-                self.progress(f"[day0]   {side}/{task.name}: {done_n}/{total} samples ({rate:.1f}/s)")
+                self.progress(f"[day0]   {side}/{task.name}: {done_n}/{total} {engine.progress_unit} ({rate:.1f}/s)")
 
-        result = self._timed(f"eval {side}/{task.name}", lambda: eval_engine(self.config.eval).evaluate(
+        result = self._timed(f"eval {side}/{task.name}", lambda: engine.evaluate(
             EvalRequest(task, endpoint, path, side, concurrency=self.config.concurrency, progress=on_progress,
-                        timeout_s=self.config.stage_timeout)))
-        total = len(task.samples)
+                        timeout_s=self.config.stage_timeout, config=self.config, tokenizer=self.tokenizer(),
+                        log=self.progress)))
         self.ws.event("eval_done", side=side, task=task.name, session=self.session_id, attempt=attempt,
                       reused=reused[0] if reused[0] >= 0 else None,
-                      requested=total - reused[0] if reused[0] >= 0 else None,
+                      requested=counted[0] - reused[0] if reused[0] >= 0 else None, unit=engine.progress_unit,
                       scored=result.scored_samples, errored=result.errored_samples)
         return result
 

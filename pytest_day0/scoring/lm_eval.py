@@ -46,6 +46,7 @@ METRIC_PREFERENCE = (
     "acc_norm,none",
     "pass@1,none",
     "pass_at_1,none",
+    "prompt_level_strict_acc,none",  # IFEval: per prompt, all instructions followed
 )
 SCALE = (0.0, 1.0)
 _MC_TYPES = frozenset({"multiple_choice", "loglikelihood"})

@@ -20,6 +20,7 @@ from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import Sample, TaskSpec
 
 NO_PROMPT_LOGPROBS = "server returned no prompt logprobs; MC scoring impossible"
+MEMBER_SEPARATOR = "/"  # a record id of an aggregate task (an lm-eval group): <member task>/<its record id>
 # JSON round-trips of the same float are exact, but some servers re-serialise top_logprobs separately.
 GREEDY_TOLERANCE = 1e-6
 
@@ -216,3 +217,26 @@ def aggregate(
         records_path=records_path,
         first_error=errors[0] if errors else None,
     )
+
+
+# ---------------------------------------------------------------- aggregate tasks (lm-eval groups)
+
+
+def member_records(task: str, members: Mapping[str, Sequence[SampleRecord]]) -> list[SampleRecord]:
+    """An aggregate task's records: every member's, ids prefixed with the member (``<member>/<id>``), in order."""
+    return [r.model_copy(update={"id": f"{member}{MEMBER_SEPARATOR}{r.id}", "task": task})
+            for member, recs in members.items() for r in recs]
+
+
+def members_result(spec: TaskSpec, expected_ids: Sequence[str], records: Sequence[SampleRecord],
+                   members: Mapping[str, TaskResult], *, side: str, records_path: str) -> TaskResult:
+    """An aggregate task's result from its members' records, complete only when every member is. Its score is
+    the mean over all members' items: the size-weighted mean of the members' scores, which is how lm-eval
+    aggregates MMLU-shaped groups (``weight_by_size``)."""
+    result = aggregate(spec, expected_ids, {r.id: r for r in records}, side=side, records_path=records_path,
+                       wall_s=round(sum(m.wall_s for m in members.values()), 3))
+    bad = [(name, m) for name, m in members.items() if m.status != "SUCCESS"]
+    if bad and result.status == "SUCCESS":
+        name, m = bad[0]
+        return result.model_copy(update={"status": m.status, "first_error": f"{name}: {m.first_error}"})
+    return result

@@ -96,6 +96,7 @@ class Task(BaseModel):
     spec: TaskSpec
     samples: tuple[Sample, ...]
     source: str  # where it came from, for messages
+    members: tuple[str, ...] = ()  # an aggregate of other tasks (an lm-eval group): their records, ids <task>/<id>
 
     @property
     def name(self) -> str:
