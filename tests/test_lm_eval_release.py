@@ -128,7 +128,8 @@ def test_lm_eval_engine_agrees_with_the_scorer_on_every_document(pytester: pytes
     scored, scored_verdict = run(pytester, *args)
     lm, lm_verdict = run(pytester, *args, "--day0-eval=lm-eval")
     assert scored.ret == 0 and lm.ret == 0, lm.stdout.str()[-3000:]
-    assert decisions(lm_verdict) == decisions(scored_verdict) == {"fp8": "ACCEPT", "int4_awq": "ACCEPT"}
+    # the demo's 300 items per task, all agreeing, cannot show a drop under 1 point (347 can): both say so alike
+    assert decisions(lm_verdict) == decisions(scored_verdict) == {"fp8": "INCONCLUSIVE", "int4_awq": "INCONCLUSIVE"}
     assert table(lm_verdict) == table(scored_verdict)
     assert terminal_table(lm.stdout.str()) == terminal_table(scored.stdout.str())
     # every document of every demo task, on all three sides
