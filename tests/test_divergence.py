@@ -19,6 +19,7 @@ from pytest_day0.gates.divergence import (
     check_divergence,
     divergence_outcome,
     divergence_stats,
+    not_measured,
     text_set,
     token_kl,
     top1,
@@ -239,3 +240,12 @@ def test_a_reply_without_prompt_logprobs_is_eval_judge_failed(body: dict[str, ob
         parse_echo(Reply(body, 1), max_tokens=0)
     assert err.value.failure_class is FailureClass.EVAL_JUDGE_FAILED
     assert "divergence pre-check" in str(err.value)
+
+
+def test_an_endpoint_without_top_k_logprobs_skips_the_precheck_and_blocks_nothing() -> None:
+    check = not_measured("fp8", "HTTP 400: logprobs must be at most 5", floor=0.5, tolerance=0.25)
+    assert check.skipped and not check.catastrophic and check.failure_class is None
+    outcome = divergence_outcome(check)
+    assert outcome.status == "skipped" and outcome.failure_class is None
+    assert outcome.message.startswith("pre-check not possible, the evaluation decides: HTTP 400")
+    assert_divergence(check)  # no breach to raise

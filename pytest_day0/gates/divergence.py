@@ -18,7 +18,8 @@ The mean KL and the agreement are token-weighted over the whole text set. The de
 another next token than its baseline at most positions, it is broken, and the chain skips its evaluation with that
 class; mean KL above ``tolerance`` is REGRESSION, warn tier, like the quality gate's and the verbosity gate's
 breaches (a measured, reproducible difference from the baseline beyond the tolerance, which the evaluation may or
-may not turn into a score drop). Texts both sides tokenize differently cannot be paired: ANOMALOUS.
+may not turn into a score drop). Texts both sides tokenize differently cannot be paired: ANOMALOUS. Logprobs that
+could not be had at all skip the check (``not_measured``): it blocks nothing, the evaluation decides.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from pytest_day0.scoring.tasks import Sample, Task
 
 PROB_FLOOR = 1e-10
 TEXT_SEED = 20250715  # which samples the text set takes: fixed, so every session scores the same texts
-TRUNCATION = ("KL over the tokens both top-k lists hold plus one bucket for the rest of the mass "
-              "(a lower bound of the full KL)")
+TRUNCATION = ("KL over the tokens both top-k lists hold plus one bucket for the rest of the mass, "
+              "a lower bound of the full KL")
 _EPS = 1e-12
 
 
@@ -65,6 +66,7 @@ class DivergenceCheck(BaseModel):
 
     recipe: str
     passed: bool
+    skipped: bool = False  # the endpoints return no top-k prompt logprobs: nothing to compare, nothing decided
     tier: Tier = Tier.HARD
     failure_class: FailureClass | None = None
     message: str
@@ -183,7 +185,7 @@ def check_divergence(recipe: str, baseline: Sequence[TextLogprobs], candidate: S
         "top1_agreement": round(stats.agreement, 6), "positions": stats.positions, "texts": stats.texts,
         "top_k": top_k, "agreement_floor": floor, "kl_tolerance": tolerance}
     where = (f"mean token KL {stats.mean_kl:.4f} nats, top-1 agreement {stats.agreement:.1%} over {stats.positions} "
-             f"positions of {stats.texts} texts (top-{top_k}: {TRUNCATION})")
+             f"positions of {stats.texts} texts; top-{top_k} logprobs: {TRUNCATION}")
     if stats.agreement < floor - _EPS:
         return DivergenceCheck(recipe=recipe, passed=False, failure_class=FailureClass.CATASTROPHIC_REGRESSION,
                                stats=stats, floor=floor, tolerance=tolerance, numbers=numbers,
@@ -197,6 +199,14 @@ def check_divergence(recipe: str, baseline: Sequence[TextLogprobs], candidate: S
                            message=f"{where}; floor {floor:.0%}, tolerance {tolerance:g}")
 
 
+def not_measured(recipe: str, why: str, *, floor: float, tolerance: float) -> DivergenceCheck:
+    """The logprobs could not be had (an endpoint that refuses or garbles echo with top-k logprobs, or fails twice):
+    the pre-check is a screen, not a measurement of the release, so it skips with the reason and blocks nothing;
+    the evaluation measures the candidate and meets any real trouble with its own classes."""
+    return DivergenceCheck(recipe=recipe, passed=False, skipped=True, floor=floor, tolerance=tolerance,
+                           message=f"pre-check not possible, the evaluation decides: {why}")
+
+
 def divergence_outcome(check: DivergenceCheck, *, warn_as_error: bool = False) -> GateOutcome:
     """The typed record of one recipe's pre-check: hard when catastrophic or not comparable, warn above tolerance."""
     numbers = dict(check.numbers)
@@ -206,11 +216,14 @@ def divergence_outcome(check: DivergenceCheck, *, warn_as_error: bool = False) -
         numbers["precheck_baseline_seconds"] = round(check.baseline_seconds, 3)
     numbers["precheck_reused"] = int(check.reused)
     return GateOutcome(gate="divergence", recipe=check.recipe, tier=check.tier,
-                       status=breach_status(check.passed, check.tier, warn_as_error=warn_as_error),
-                       failure_class=None if check.passed else check.failure_class, message=check.message,
+                       status=breach_status(check.passed, check.tier, warn_as_error=warn_as_error,
+                                            skipped=check.skipped),
+                       failure_class=None if check.passed or check.skipped else check.failure_class,
+                       message=check.message,
                        numbers=numbers)
 
 
 def assert_divergence(check: DivergenceCheck) -> None:
-    if not check.passed:
+    """GateFailure of the check's class and tier on a breach; callers turn ``skipped`` into a skip themselves."""
+    if not check.passed and not check.skipped:
         raise GateFailure(check.failure_class or FailureClass.ANOMALOUS, check.message, tier=check.tier)

@@ -486,12 +486,15 @@ class ReleaseChain:
 
     def divergence_check(self, recipe: str) -> DivergenceCheck:
         """Baseline vs candidate on the text set (the pure gate decides), with the candidate's measuring time."""
-        from pytest_day0.gates.divergence import check_divergence
+        from pytest_day0.gates.divergence import check_divergence, not_measured
 
         c = self.config
 
         def build() -> DivergenceCheck:
-            base, cand = self.divergence_logprobs(BASELINE), self.divergence_logprobs(recipe)
+            try:
+                base, cand = self.divergence_logprobs(BASELINE), self.divergence_logprobs(recipe)
+            except Day0Error as exc:  # a screen that could not look: the evaluation measures, and meets the trouble
+                return not_measured(recipe, str(exc), floor=c.divergence_floor, tolerance=c.divergence_kl)
             check = check_divergence(recipe, base.texts, cand.texts, top_k=c.divergence_top_k,
                                      floor=c.divergence_floor, tolerance=c.divergence_kl)
             return check.model_copy(update={"seconds": cand.seconds, "baseline_seconds": base.seconds,
