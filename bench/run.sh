@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark in one command; each prints its table and writes bench/results/<name>.json.
-#   usage: bash bench/run.sh [--quick]     (--quick: the session benchmark on --day0-limit 40, not the full demo,
-#                                           and the statistics simulations with fewer repetitions)
+#   usage: bash bench/run.sh [--quick]     (--quick: the session and divergence benchmarks on --day0-limit 40, not
+#                                           the full demo, and the statistics simulations with fewer repetitions)
 # Uses .venv/bin/python when present (scripts/bootstrap.sh makes it), else `python` on PATH.
 # A benchmark that fails is reported and the others still run; the exit status is 1 if any failed.
 set -u
@@ -54,6 +54,13 @@ if [ -f bench/install-lm-eval.sh ] && [ -f bench/bench_scorer_vs_lm_eval.py ]; t
   fi
 else
   echo "[bench] scorer vs lm-eval: missing (bench/install-lm-eval.sh or bench/bench_scorer_vs_lm_eval.py)"
+fi
+
+banner "divergence pre-check vs the full evaluation: rank correlation with flip rates, time share"
+if [ "$QUICK" = 1 ]; then
+  run divergence "$PY" bench/bench_divergence.py --limit 40 --calib-size 16
+else
+  run divergence "$PY" bench/bench_divergence.py
 fi
 
 banner "statistics: fixed-n error rates, adaptive vs fixed-n items, session-level control (simulations)"

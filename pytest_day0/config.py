@@ -63,6 +63,10 @@ class RunConfig(BaseModel):
     stat: Literal["paired", "point"] = "paired"
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
     verbosity: float = Field(default=0.05, ge=0)
+    divergence_texts: int = Field(default=32, ge=0)
+    divergence_top_k: int = Field(default=20, ge=1)
+    divergence_floor: float = Field(default=0.5, ge=0, le=1)
+    divergence_kl: float = Field(default=0.25, ge=0)
     published: Path | None = None
     workdir: Path = Path(".day0")
     quantize: str = "modelopt"  # "none" or a registered quantize engine (pytest_day0.engines)

@@ -59,6 +59,17 @@ OPTIONS: tuple[Option, ...] = (
            "2c-1: 0.95 gives a 90 percent interval)", kind="float", default=0.95),
     Option("verbosity", "--day0-verbosity", "largest |change| of mean completion tokens, as a fraction of the "
            "baseline's (VERBOSITY_EXCEEDED)", kind="float", default=0.05),
+    # the divergence pre-check (gates/divergence.py): both sides' next-token distributions on a few texts, before
+    # the long evaluation; defaults measured in bench/RESULTS.md ("Divergence pre-check")
+    Option("divergence_texts", "--day0-divergence-texts", "texts of the divergence pre-check (the tasks' samples, "
+           "prompt + answer, a fixed seeded choice); 0 turns the pre-check off", kind="int", default=32),
+    Option("divergence_top_k", "--day0-divergence-top-k", "top logprobs per position the pre-check asks both "
+           "endpoints for (vLLM's default --max-logprobs is 20)", kind="int", default=20),
+    Option("divergence_floor", "--day0-divergence-floor", "pre-check, hard: top-1 agreement with the baseline below "
+           "this is CATASTROPHIC_REGRESSION and the candidate's evaluation is skipped (0 never blocks)", kind="float",
+           default=0.5),
+    Option("divergence_kl", "--day0-divergence-kl", "pre-check, warn: mean token KL (nats) above this is REGRESSION",
+           kind="float", default=0.25),
     Option("published", "--day0-published", "JSON/YAML file: task -> {score, scale} published for the baseline "
            "(EXTERNAL_BASELINE_MISMATCH beyond 5 percent of the range)"),
     Option("workdir", "--day0-workdir", "workspace for checkpoints, records and reports (default .day0 in rootdir)"),

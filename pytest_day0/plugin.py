@@ -224,12 +224,16 @@ class ReleaseSuite(pytest.Module):
     items: the 'collected N items' header counts what runs)."""
 
     def collect(self) -> list[pytest.Item | pytest.Collector]:
+        from pytest_day0.release.chain import divergence_applies
         from pytest_day0.release.suite import published_tasks
 
         state = self.config.stash[STATE_KEY]
-        keep_published = bool(published_tasks(state.config, state.task_names))
-        return [node for node in super().collect()
-                if keep_published or getattr(node, "originalname", node.name) != "test_published_baseline"]
+        dropped = set()
+        if not published_tasks(state.config, state.task_names):
+            dropped.add("test_published_baseline")
+        if not divergence_applies(state.config):
+            dropped.add("test_divergence")
+        return [node for node in super().collect() if getattr(node, "originalname", node.name) not in dropped]
 
 
 @pytest.hookimpl(tryfirst=True)

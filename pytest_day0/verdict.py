@@ -22,10 +22,11 @@ ANOMALOUS    SYSTEMIC, UNKNOWN, ANOMALOUS,                          no trustwort
 REGRESSION   CATASTROPHIC_REGRESSION, REGRESSION,                   a measured, reproducible defect of this
              VERBOSITY_EXCEEDED, SIZE_NOT_REDUCED,                  candidate: worse scores, longer answers, no
              METADATA_MISMATCH                                      size gain (the only reason to quantize), or a
-                                                                    tokenizer / chat template / generation config
-                                                                    unlike the source's (users would get another
-                                                                    model). Not INFEASIBLE: another export of the
-                                                                    same recipe may pass.
+             (the divergence pre-check: CATASTROPHIC_REGRESSION     tokenizer / chat template / generation config
+             when top-1 agreement is below its floor, REGRESSION    unlike the source's (users would get another
+             warn above its KL tolerance)                           model), or next-token distributions far from
+                                                                    the baseline's. Not INFEASIBLE: another export
+                                                                    of the same recipe may pass.
 INCONCLUSIVE INCONCLUSIVE (a quality interval straddles the         measured, but too few samples to tell a drop
              threshold; a published-baseline interval straddles     within the threshold from one beyond it. Below
              the tolerance)                                         REGRESSION: evidence of a defect on another
@@ -145,6 +146,7 @@ def decide(
     reasons: list[str] = []
     classes: set[FailureClass] = set()
     regressed: list[str] = []
+    untasked: list[str] = []
     inconclusive: list[str] = []
     needed: list[int] = []
     first: dict[ReleaseDecision, GateOutcome] = {}
@@ -169,8 +171,12 @@ def decide(
         else:
             d = CLASS_DECISION.get(cls, "ANOMALOUS")
             classes.add(cls)
-            if cls in _TASK_REGRESSIONS and o.task and o.task not in regressed:
-                regressed.append(o.task)
+            # measured regressions only: a gate skipped because the candidate was stopped upstream measured nothing
+            if cls in _TASK_REGRESSIONS and o.status != "skipped":
+                if o.task and o.task not in regressed:
+                    regressed.append(o.task)
+                elif not o.task and (breach := f"{_label(o)} {o.status} ({cls})") not in untasked:
+                    untasked.append(breach)  # a whole-recipe gate (the divergence pre-check)
             if cls in INCONCLUSIVE_CLASSES and o.status != "skipped":
                 if o.task and o.task not in inconclusive:
                     inconclusive.append(o.task)
@@ -195,6 +201,7 @@ def decide(
         what = []
         if regressed:
             what.append(f"quality regressed on {', '.join(regressed)}")
+        what += untasked
         what += [str(c) for c in sorted(classes & (REGRESSION_CLASSES - _TASK_REGRESSIONS))]
         recommendation = f"do not publish {recipe}: {'; '.join(what)}"
     elif decision == "INCONCLUSIVE":

@@ -64,8 +64,12 @@ def test_named_models_are_the_ones_asked_for(pytester: pytest.Pytester) -> None:
         setup = cases["test_setup"]
         assert setup["day0_status"] == "passed", result.stdout.str()[-2000:]
         assert (setup["baseline_model"], setup["fp8_model"]) == ("org/base", "org/base-fp8")
-        asked = [r["body"].get("model") for r in server.state.requests if r["path"] == "/v1/completions"]
-        assert sorted(set(asked)) == ["org/base", "org/base-fp8"] and len(asked) == 10  # 5 samples per side
+        completions = [r["body"] for r in server.state.requests if r["path"] == "/v1/completions"]
+        assert sorted({body.get("model") for body in completions}) == ["org/base", "org/base-fp8"]
+        # 5 samples per side scored, and the divergence pre-check's 5 texts per side (echo, top-20 logprobs)
+        assert len([body for body in completions if not body.get("echo")]) == 10
+        prechecked = [body for body in completions if body.get("echo")]
+        assert len(prechecked) == 10 and {body["logprobs"] for body in prechecked} == {20}
 
 
 def test_model_names_without_external_serving_are_refused(pytester: pytest.Pytester) -> None:

@@ -55,6 +55,11 @@ def test_plain():
 # layer 1's o_proj x4 drops gsm_like by ~70 points (floor).
 MODERATE = {"model.layers.0.mlp.down_proj.weight_scale": 2.5}
 HEAVY = {"model.layers.1.self_attn.o_proj.weight_scale": 4.0}
+# Every linear layer's scale x50: a broken export. The divergence pre-check measured top-1 agreement far below its
+# 50% floor on such a candidate (every linear x8 already gave 31%: bench/RESULTS.md, "Divergence pre-check").
+BROKEN = {f"model.layers.{i}.{m}.weight_scale": 50.0 for i in range(4) for m in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj")}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -206,6 +211,13 @@ def shared_ws(shared_root: Path) -> Iterator[Path]:
             yield shared_root
             return
     yield shared_root
+
+
+@pytest.fixture(scope="session")
+def torch_imported() -> None:
+    """Import torch (for damaged_copy) before pytester snapshots sys.modules: its teardown drops modules imported
+    during a test, and torch's C extension cannot be imported a second time in one process ("bad call flags")."""
+    import safetensors.torch  # noqa: F401
 
 
 def _filled_marker(shared_root: Path) -> Path:
@@ -362,6 +374,12 @@ def test_release_accept_with_reports_and_user_tests(pytester: pytest.Pytester, s
         assert (quality.props["tier"], quality.props["recipe"], quality.props["task"]) == ("warn", "fp8", task)
         assert run.junit[f"test_floor[fp8-{task}]"].props["tier"] == "hard"
     assert run.junit["test_ptq[fp8]"].props["day0_gate"] == "ptq"
+    # the divergence pre-check passed the healthy candidate, with its numbers and the truncation it used
+    precheck = run.junit["test_divergence[fp8]"]
+    assert precheck.outcome == "passed" and precheck.props["day0_gate"] == "divergence", precheck
+    assert float(precheck.props["top1_agreement"]) >= 0.5
+    assert float(precheck.props["divergence_kl"]) <= float(precheck.props["kl_tolerance"])
+    assert "lower bound of the full KL" in precheck.props["day0_message"]
 
     # the user's tests beside the suite ran in the same session, one of them against the served baseline
     for name in ("test_config", "test_baseline_completion", "test_plain"):
@@ -457,7 +475,7 @@ def _adaptive_stops_a_broken_candidate_early(pytester: pytest.Pytester, shared_w
     assert sum(evaluated.values()) <= 600 and all(evaluated.get(t, 0) == 0 for t in later)  # of 900 at fixed n
 
 
-def test_quality_warn_tier_and_floor(pytester: pytest.Pytester, shared_ws: Path) -> None:
+def test_quality_warn_tier_and_floor(torch_imported: None, pytester: pytest.Pytester, shared_ws: Path) -> None:
     # the fp8 export of the shared workspace (only the PTQ gates run: no server needed for this step)
     ptq = run_pytest(pytester, *COMMON, "--recipe=fp8", f"--day0-workdir={shared_ws}", "-k", "test_ptq")
     fp8_export = Path(ptq.junit["test_ptq[fp8]"].props["checkpoint"])
@@ -501,3 +519,40 @@ def test_quality_warn_tier_and_floor(pytester: pytest.Pytester, shared_ws: Path)
     assert floors, worst.out[-3000:]
     assert all(c.message.startswith("[CATASTROPHIC_REGRESSION]") for c in floors)
     assert _decisions(worst.verdict(shared_ws)) == {"fp8": "REGRESSION"}
+
+
+def test_divergence_precheck_stops_a_broken_candidate(torch_imported: None, pytester: pytest.Pytester,
+                                                     shared_ws: Path) -> None:
+    """A broken export is stopped by the pre-check within seconds; none of its evaluation runs (events.jsonl), every
+    gate that needed it skips with CATASTROPHIC_REGRESSION, and the baseline's gates are unaffected."""
+    ptq = run_pytest(pytester, *COMMON, "--recipe=fp8", f"--day0-workdir={shared_ws}", "-k", "test_ptq")
+    broken = damaged_copy(Path(ptq.junit["test_ptq[fp8]"].props["checkpoint"]), pytester.path / "fp8-broken", BROKEN)
+    run = run_pytest(pytester, *COMMON, "--recipe=fp8", f"--day0-workdir={shared_ws}", "--day0-quantize=existing",
+                     f"--day0-checkpoint={broken}")
+    assert run.rc == 1, run.out[-3000:]
+    session = run.report["day0"]["extra"]["session_id"]
+
+    precheck = run.junit["test_divergence[fp8]"]
+    assert precheck.outcome == "failure" and precheck.message.startswith("[CATASTROPHIC_REGRESSION]"), precheck
+    assert float(precheck.props["top1_agreement"]) < float(precheck.props["agreement_floor"]) == 0.5
+    assert precheck.props["tier"] == "hard"
+    timed = [e for e in events(shared_ws, "stage_time") if e["session"] == session and e["stage"] == "divergence fp8"]
+    assert len(timed) == 1 and timed[0]["seconds"] < 10, timed  # within seconds: 32 short texts, one server
+
+    # the candidate's evaluation never ran; everything that needed it skipped with the pre-check's class
+    assert [e for e in events(shared_ws, "eval_run") if e["session"] == session and e["side"] == "fp8"] == []
+    stopped = [c for c in run.day0_cases() if c.name.startswith((
+        "test_eval_complete[fp8-", "test_task_set[", "test_floor[", "test_quality[", "test_gain_plausible[",
+        "test_verbosity["))]
+    assert len(stopped) == 3 + 1 + 3 * 4, [c.name for c in stopped]
+    for case in stopped:
+        assert case.outcome == "skipped" and case.message.startswith("[CATASTROPHIC_REGRESSION]"), case
+        assert "divergence pre-check of fp8" in case.message
+    # the baseline is unaffected: served, evaluated, its run gates passed
+    for task in ("arc_like", "gsm_like", "tau_like"):
+        assert run.junit[f"test_eval_complete[baseline-{task}]"].outcome == "passed"
+    assert run.junit["test_deploy[fp8]"].outcome == "passed"  # it served and answered: only the pre-check saw it
+
+    verdict = run.verdict(shared_ws)["session"]["verdicts"][0]
+    assert verdict["decision"] == "REGRESSION" and verdict["regressed_tasks"] == []  # no task was measured
+    assert verdict["recommendation"] == "do not publish fp8: divergence failed (CATASTROPHIC_REGRESSION)"

@@ -175,6 +175,11 @@ def test_chattier_candidate_is_verbosity_exceeded_in_a_session(
     assert verb["status"] == "warned" and verb["failure_class"] == "VERBOSITY_EXCEEDED"
     assert verb["numbers"]["baseline_tokens"] == 1.0 and verb["numbers"]["candidate_tokens"] == 10.0
     assert "read the absolute counts" in verb["message"]
+    # these generate-only servers cannot echo prompts: the divergence pre-check could not look, so it skipped
+    # without a class and decided nothing (not a SYSTEMIC stop of the release)
+    precheck = next(o for o in verdict["extra"]["outcomes"] if o["gate"] == "divergence")
+    assert precheck["status"] == "skipped" and precheck["failure_class"] is None, precheck
+    assert precheck["message"].startswith("pre-check not possible, the evaluation decides: ["), precheck
     case = next(c for c in ET.parse(pytester.path / "day0.xml").iter("testcase")
                 if c.get("name") == "test_verbosity[fp8-add]")
     skipped = case.find("skipped")

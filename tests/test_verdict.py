@@ -251,3 +251,22 @@ def test_loader_errors_are_one_line_user_config_errors(tmp_path: Path, content: 
         load_verdict_json(p)
     assert info.value.failure_class is FailureClass.USER_CONFIG_ERROR
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_divergence_precheck_names_itself_and_claims_no_task() -> None:
+    """A candidate the pre-check stopped: REGRESSION, the gate named in the recommendation, and the evaluation
+    gates it skipped (carrying its class) are not reported as tasks that regressed — nothing measured them."""
+    outcomes = [
+        GateOutcome(gate="ptq.size", recipe="fp8", status="passed"),
+        bad(FailureClass.CATASTROPHIC_REGRESSION, gate="divergence"),
+        bad(FailureClass.CATASTROPHIC_REGRESSION, "skipped", "run", task="gsm_like", side="fp8"),
+        bad(FailureClass.CATASTROPHIC_REGRESSION, "skipped", "floor", task="gsm_like"),
+        bad(FailureClass.CATASTROPHIC_REGRESSION, "skipped", "quality", task="arc_like", tier=Tier.WARN),
+    ]
+    v = decide("fp8", outcomes, 0.5)
+    assert v.decision == "REGRESSION" and v.exit_status == 1
+    assert v.regressed_tasks == []
+    assert v.recommendation == "do not publish fp8: divergence failed (CATASTROPHIC_REGRESSION)"
+    warned = decide("fp8", [*passed(), bad(FailureClass.REGRESSION, "warned", "divergence", tier=Tier.WARN)], 0.5)
+    assert warned.decision == "REGRESSION" and warned.exit_status == 0
+    assert warned.recommendation == "do not publish fp8: divergence warned (REGRESSION)"

@@ -36,6 +36,7 @@ from pytest_day0.workspace import (
     Workspace,
     atomic_write_json,
     checkpoint_fingerprint,
+    digest,
     file_digest,
     pid_alive,
     read_json,
@@ -44,10 +45,12 @@ from pytest_day0.workspace import (
 if TYPE_CHECKING:
     from pytest_day0.checkpoint.model import CheckpointInspection
     from pytest_day0.gates.compare import AdaptiveStop, TaskComparison
+    from pytest_day0.gates.divergence import DivergenceCheck
     from pytest_day0.gates.ptq import PtqCheck
     from pytest_day0.gates.published import PublishedCheck
     from pytest_day0.gates.run import RunCheck
     from pytest_day0.gates.verbosity import VerbosityCheck
+    from pytest_day0.stages.divergence import SideLogprobs
     from pytest_day0.stages.quantize import QuantizeResult
 
 T = TypeVar("T")
@@ -73,6 +76,11 @@ def make_placement(config: RunConfig, ws: Workspace, session_id: str, owner_pid:
     from pytest_day0.remote.placement import RemotePlacement
 
     return RemotePlacement(config, session_id, ws, progress, owner_pid)
+
+
+def divergence_applies(config: RunConfig) -> bool:
+    """The divergence pre-check runs when both sides are served (not lm-eval folders) and it is on."""
+    return config.eval != "lm-eval" and config.divergence_texts > 0
 
 
 class ReleaseChain:
@@ -343,14 +351,18 @@ class ReleaseChain:
 
         return self.runner.local(f"deploy-{side}", build)
 
-    def deployed(self, side: str) -> None:
-        """The side is servable and healthy (or nothing is served: lm-eval folders); raises the upstream failure."""
+    def deployed(self, side: str, *, precheck: bool = True) -> None:
+        """The side is servable and healthy (or nothing is served: lm-eval folders); raises the upstream failure,
+        a candidate's divergence pre-check included unless ``precheck`` is off (the pre-check's own test)."""
         if side != BASELINE:
             upstream = self.infeasible_upstream(side)
             if upstream is not None:
                 raise upstream
         if not self.config.lm_eval_folders:
             self.deploy(side)
+            broken = self.broken_upstream(side) if precheck and side != BASELINE else None
+            if broken is not None:  # the divergence pre-check found it broken: no evaluation time for it
+                raise broken
 
     def _canary_prompt(self) -> str:
         """A prompt of the run's first task (lm-eval builds its prompts itself: then a plain greeting)."""
@@ -470,8 +482,8 @@ class ReleaseChain:
         record_path = self.ws.root / "runs" / self.session_id / "adaptive" / f"{recipe}-{task_name}.json"
 
         def build() -> AdaptiveStop:
-            stopped = self.recipe_stopped(recipe, task_name)
-            if stopped is not None:
+            stopped = self.recipe_stopped(recipe, task_name) or self.broken_upstream(recipe)
+            if stopped is not None:  # a floor breach elsewhere, or the divergence pre-check: no rounds for it
                 raise stopped
             order = self._order(task_name)
             size = len(order)
@@ -606,6 +618,78 @@ class ReleaseChain:
         if items is not None:
             task = self._prefix(task, items)
         return [by_id[s.id] for s in task.samples if s.id in by_id]
+
+    # ------------------------------------------------------------------ divergence pre-check
+
+    def divergence_applies(self) -> bool:
+        return divergence_applies(self.config)
+
+    def divergence_texts(self) -> list[str]:
+        from pytest_day0.gates.divergence import text_set
+
+        return self.runner.local("divergence-texts", lambda: text_set(self.tasks(), self.config.divergence_texts))
+
+    def divergence_logprobs(self, side: str) -> SideLogprobs:
+        """One side's top-k logprobs on the text set, kept per served side (the baseline's serves every recipe)."""
+        from pytest_day0.gates.divergence import TextLogprobs
+        from pytest_day0.stages.divergence import SideLogprobs, side_logprobs
+
+        c = self.config
+        texts = self.divergence_texts()
+        side_key = self.side_key(side)
+        path = self.ws.path("divergence", side_key, f"{digest(texts, c.divergence_top_k)}.json")
+
+        def build() -> SideLogprobs:
+            cached = read_json(path)
+            if isinstance(cached, dict) and isinstance(cached.get("texts"), list):
+                try:
+                    return SideLogprobs([TextLogprobs.model_validate(t) for t in cached["texts"]],
+                                        float(cached.get("seconds", 0.0)), reused=True)
+                except (ValidationError, TypeError, ValueError):
+                    pass  # a file from another version: measure again
+            endpoint = self.endpoint(side)
+            self.ws.event("divergence_run", side=side, session=self.session_id, texts=len(texts))
+            started = time.time()
+            result = self._timed(f"divergence {side}", lambda: side_logprobs(
+                endpoint, texts, top_k=c.divergence_top_k, concurrency=c.concurrency, timeout_s=c.stage_timeout))
+            seconds = time.time() - started
+            atomic_write_json(path, {"seconds": round(seconds, 3), "top_k": c.divergence_top_k,
+                                     "texts": [t.model_dump(mode="json") for t in result]})
+            return SideLogprobs(result, seconds, reused=False)
+
+        return self.runner.run(f"divergence-{side}", build, lock=f"divergence-{side_key}",
+                               reset=lambda: path.unlink(missing_ok=True))
+
+    def divergence_check(self, recipe: str) -> DivergenceCheck:
+        """Baseline vs candidate on the text set (the pure gate decides), with the candidate's measuring time."""
+        from pytest_day0.gates.divergence import check_divergence, not_measured
+
+        c = self.config
+
+        def build() -> DivergenceCheck:
+            try:
+                base, cand = self.divergence_logprobs(BASELINE), self.divergence_logprobs(recipe)
+            except Day0Error as exc:  # a screen that could not look: the evaluation measures, and meets the trouble
+                return not_measured(recipe, str(exc), floor=c.divergence_floor, tolerance=c.divergence_kl)
+            check = check_divergence(recipe, base.texts, cand.texts, top_k=c.divergence_top_k,
+                                     floor=c.divergence_floor, tolerance=c.divergence_kl)
+            return check.model_copy(update={"seconds": cand.seconds, "baseline_seconds": base.seconds,
+                                            "reused": cand.reused})
+
+        return self.runner.local(f"divergence-check-{recipe}", build)
+
+    def broken_upstream(self, recipe: str) -> Day0Error | None:
+        """The pre-check found the candidate broken (CATASTROPHIC_REGRESSION): everything that would evaluate it
+        skips with that class. A pre-check that could not run blocks nothing: its own test reports why."""
+        if not self.divergence_applies():
+            return None
+        try:
+            check = self.divergence_check(recipe)
+        except Day0Error:
+            return None
+        if not check.catastrophic:
+            return None
+        return Day0Error(FailureClass.CATASTROPHIC_REGRESSION, f"divergence pre-check of {recipe}: {check.message}")
 
     # ------------------------------------------------------------------ checks (I/O here, decisions in gates/)
 
@@ -749,4 +833,4 @@ def _health_and_canary(side: str, endpoint: Endpoint, prompt: str) -> DeployReco
     return DeployRecord(side, True, ids, prompt, text, round(time.time() - started, 3), False)
 
 
-__all__ = ["BASELINE", "DeployRecord", "ReleaseChain", "make_placement"]
+__all__ = ["BASELINE", "DeployRecord", "ReleaseChain", "divergence_applies", "make_placement"]

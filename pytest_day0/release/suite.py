@@ -143,6 +143,24 @@ def test_deploy(day0_chain: ReleaseChain, day0_side: str, request: pytest.Fixtur
                                            "deploy_seconds": record.seconds, "cached": int(record.cached)}))
 
 
+# ---------------------------------------------------------------------- divergence pre-check
+
+
+def test_divergence(day0_chain: ReleaseChain, day0_recipe: str, request: pytest.FixtureRequest) -> None:
+    """Before the long evaluation, both sides' next-token distributions on a few texts: top-1 agreement below
+    --day0-divergence-floor is CATASTROPHIC_REGRESSION (hard: the candidate's evaluation is skipped with that
+    class), mean token KL above --day0-divergence-kl is REGRESSION (warn)."""
+    from pytest_day0.gates.divergence import assert_divergence, divergence_outcome
+
+    for side in (BASELINE, day0_recipe):
+        needs(lambda s=side: day0_chain.deployed(s, precheck=False), f"deploy {side}")  # type: ignore[misc]
+    check = owns(lambda: day0_chain.divergence_check(day0_recipe))
+    attach(request, divergence_outcome(check, warn_as_error=_warn_as_error(day0_chain)))
+    if check.skipped:
+        skip(None, check.message)
+    assert_divergence(check)
+
+
 # ---------------------------------------------------------------------- evaluate
 
 
@@ -246,7 +264,8 @@ def test_published_baseline(day0_chain: ReleaseChain, day0_task: str, request: p
 
 GATES = {
     "test_setup": "setup", "test_ptq": "ptq", "test_ptq_size": "ptq.size", "test_ptq_coverage": "ptq.coverage",
-    "test_ptq_metadata": "ptq.metadata", "test_deploy": "deploy", "test_eval_complete": "run",
+    "test_ptq_metadata": "ptq.metadata", "test_deploy": "deploy", "test_divergence": "divergence",
+    "test_eval_complete": "run",
     "test_task_set": "task_set", "test_floor": "floor", "test_quality": "quality", "test_gain_plausible": "anomaly",
     "test_verbosity": "verbosity", "test_published_baseline": "published",
 }

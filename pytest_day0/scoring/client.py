@@ -175,10 +175,11 @@ class OpenAIClient:
 
     # ------------------------------------------------------------ the three request shapes the scorer needs
 
-    async def echo_logprobs(self, prompt: str) -> tuple[Reply, int]:
-        """Score ``prompt`` without generating (lm-eval loglikelihood). Returns the reply and the max_tokens used:
-        max_tokens=0 first, and 1 for the rest of the evaluation once a server rejects 0 (vLLM does)."""
-        payload: dict[str, Any] = {"prompt": prompt, "echo": True, "logprobs": 1, "temperature": 0.0}
+    async def echo_logprobs(self, prompt: str, top_k: int = 1) -> tuple[Reply, int]:
+        """Score ``prompt`` without generating (lm-eval loglikelihood; with ``top_k`` alternatives per position, the
+        divergence pre-check). Returns the reply and the max_tokens used: max_tokens=0 first, and 1 for the rest of
+        the evaluation once a server rejects 0 (vLLM does)."""
+        payload: dict[str, Any] = {"prompt": prompt, "echo": True, "logprobs": top_k, "temperature": 0.0}
         if self.zero_max_tokens_ok is None:
             async with self._probe:  # one probe decides for all: 300 samples must not each learn it by a 400
                 if self.zero_max_tokens_ok is None:
