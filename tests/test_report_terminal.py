@@ -60,7 +60,7 @@ def test_missing_values_show_dash() -> None:
 
 
 def test_every_line_of_the_tables_fits_100_columns() -> None:
-    lines, comps = _session()
+    lines, _ = _session()
     verdict_at = next(i for i, line in enumerate(lines) if line.startswith("VERDICT"))
     assert all(len(line) <= 100 for line in lines[:verdict_at]), [ln for ln in lines[:verdict_at] if len(ln) > 100]
     assert any("CATASTROPHIC_REGRESSION" in line for line in lines[:verdict_at])

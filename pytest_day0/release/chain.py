@@ -26,7 +26,7 @@ from pytest_day0.engines import EvalRequest, ServeRequest, eval_engine, quantize
 from pytest_day0.failures import INFEASIBLE_CLASSES, Day0Error, FailureClass
 from pytest_day0.placement import LocalPlacement, Placement, QuantizeJob, ServeJob, ServerRecord
 from pytest_day0.release import keys
-from pytest_day0.release.comparisons import save_comparison
+from pytest_day0.release.comparisons import save_comparison, save_flip_detail
 from pytest_day0.release.runner import StageRunner
 from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import Task, load_task
@@ -441,6 +441,7 @@ class ReleaseChain:
     def comparison(self, recipe: str, task_name: str) -> TaskComparison:
         """Floor, quality and anomaly of one task share one comparison, computed once per process and saved."""
         from pytest_day0.gates.compare import compare_task, flips_of
+        from pytest_day0.gates.flip_items import flip_detail
         from pytest_day0.gates.run import align_records, check_run
         from pytest_day0.gates.stats import item_pairs, paired_from_records
 
@@ -453,10 +454,13 @@ class ReleaseChain:
             align_records(base, cand)  # ids and prompts: a pair that is no pair is SAMPLE_ACCOUNTING_FAILED
             spec = self.task(task_name).spec
             paired = paired_from_records(base, cand, c.confidence) if c.stat == "paired" else None
+            flips = flips_of(item_pairs(base, cand), higher_is_better=spec.higher_is_better)
             comparison = compare_task(
                 spec, results[BASELINE], results[recipe], threshold=c.threshold, floor=c.floor,
-                relative=c.relative, abstain=abstain, recipe=recipe, paired=paired,
-                flips=flips_of(item_pairs(base, cand), higher_is_better=spec.higher_is_better))
+                relative=c.relative, abstain=abstain, recipe=recipe, paired=paired, flips=flips)
+            save_flip_detail(self.ws.root, self.session_id, flip_detail(
+                flips, base, cand, recipe=recipe, task=task_name, samples=self.task(task_name).samples,
+                records={"baseline": results[BASELINE].records_path, "candidate": results[recipe].records_path}))
             save_comparison(self.ws.root, self.session_id, comparison)
             return comparison
 
