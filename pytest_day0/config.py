@@ -79,6 +79,8 @@ class RunConfig(BaseModel):
     candidate_model: str | None = None
     api_key: SecretStr | None = None
     concurrency: int = Field(default=16, ge=1, le=1024)
+    mlflow: bool = False
+    mlflow_experiment: str = Field(default="pytest-day0", min_length=1)
     fresh: bool = False
     stage_timeout: float = Field(default=3600.0, gt=0)
     calib_size: int = Field(default=64, ge=1)
@@ -161,6 +163,16 @@ class RunConfig(BaseModel):
         if data.get("eval") == "lm-eval":
             data = {"quantize": "none", "tasks": (), **data}
         return data
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow_client(cls, v: bool) -> bool:
+        """Checked now, not after an hour of PTQ: the client must be importable (found, not imported: seconds)."""
+        import importlib.util
+
+        if v and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("needs MLflow's client: pip install 'pytest-day0[mlflow]'")
+        return v
 
     @field_validator("published")
     @classmethod
