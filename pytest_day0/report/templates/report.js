@@ -116,7 +116,7 @@
     var lost = 0;
     for (var j = 0; j < view.length; j++) { if (data.items[view[j]].d === "lost") { lost++; } }
     setStatus("ready", view.length ? "items " + (from + 1) + "–" + to + " of " + view.length + " (" + lost +
-              " lost, " + (view.length - lost) + " gained)" : "no flipped item matches");
+              " lost, " + (view.length - lost) + " gained)" : data.items.length ? "no flipped item matches" : "no item flipped on any compared task");
   }
 
   function text(it) {
