@@ -49,7 +49,8 @@ class DemoReport:
 def _inner(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pytest", *COMMON, f"--day0-workdir={root / 'ws'}", *args],
                           cwd=root, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "COLUMNS": "100", "DAY0_API_KEY": SECRET})
+                          env={**os.environ, "COLUMNS": "100", "DAY0_API_KEY": SECRET,
+                               "GITHUB_STEP_SUMMARY": str(root / "step-summary.md")})
 
 
 def _damaged(source: Path, target: Path) -> Path:
@@ -134,6 +135,8 @@ def test_terminal_and_workspace_point_at_the_report(demo_report: DemoReport) -> 
     ws = demo_report.root / "ws"
     assert (ws / "report.html").read_bytes() == demo_report.report.read_bytes()  # the workspace's copy is this one
     assert f"report.html (tasks, gates, flipped items with both answers): {ws / 'report.html'}" in demo_report.out
+    summary = (demo_report.root / "step-summary.md").read_text()  # the PTQ-only session wrote its part first
+    assert f"Report with the flipped items and both sides' answers: `{ws / 'report.html'}`" in summary
     table = demo_report.out[demo_report.out.index("pytest-day0 release"):demo_report.out.index("VERDICT fp8")]
     assert all(len(line) <= 100 for line in table.splitlines()[1:]), table
     assert " 30↓ 0↑  CATASTROPHIC_REGRESSION" in table and " 2↓ 0↑  INCONCLUSIVE" in table
