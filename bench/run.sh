@@ -74,6 +74,14 @@ else
   run sim_family "$PY" bench/sim_family.py
 fi
 
+banner "report.html with 100,000 flipped items: size, write time, time until Chromium shows it"
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+  run report_html "$PY" bench/bench_report_html.py --items 100000
+else
+  run report_html "$PY" bench/bench_report_html.py --items 100000 --no-browser
+  echo "[bench] report_html: no chromium/chromedriver (scripts/install-browser.sh): browser timings not measured"
+fi
+
 banner "done"
 ls -1 bench/results/*.json 2>/dev/null | sed 's/^/[bench] wrote /'
 if [ ${#failed[@]} -gt 0 ]; then

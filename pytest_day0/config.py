@@ -89,6 +89,8 @@ class RunConfig(BaseModel):
     api_key: SecretStr | None = None
     concurrency: int = Field(default=16, ge=1, le=1024)
     adaptive: bool = False
+    mlflow: bool = False
+    mlflow_experiment: str = Field(default="pytest-day0", min_length=1)
     fresh: bool = False
     stage_timeout: float = Field(default=3600.0, gt=0)
     calib_size: int = Field(default=64, ge=1)
@@ -197,6 +199,16 @@ class RunConfig(BaseModel):
                 raise ValueError("give --day0-suite or --day0-tasks, not both")
             data = {**data, "tasks": suite_tasks(str(data["suite"]), load_suites(data.get("suites")))}
         return data
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow_client(cls, v: bool) -> bool:
+        """Checked now, not after an hour of PTQ: the client must be importable (found, not imported: seconds)."""
+        import importlib.util
+
+        if v and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("needs MLflow's client: pip install 'pytest-day0[mlflow]'")
+        return v
 
     @field_validator("published")
     @classmethod

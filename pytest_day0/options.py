@@ -107,6 +107,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("adaptive", "--day0-adaptive", "evaluate both sides in lockstep rounds over a seeded order of each task's "
            "items and stop a task as soon as an anytime-valid confidence sequence decides it (PASS, REGRESSION, "
            "the floor) or shows it cannot be decided", kind="bool", default=False),
+    Option("mlflow", "--day0-mlflow", "log the session to MLflow: a run per recipe nested under the session's run "
+           "(params, per-task metrics, verdict tags, artifacts) at MLFLOW_TRACKING_URI, else MLflow's default local "
+           "store; needs pytest-day0[mlflow]", kind="bool", default=False),
+    Option("mlflow_experiment", "--day0-mlflow-experiment", "MLflow experiment the runs go into",
+           default="pytest-day0"),
     Option("fresh", "--day0-fresh", "ignore cached artifacts and run every stage again", kind="bool", default=False),
     Option("stage_timeout", "--day0-stage-timeout", "seconds any one stage may take", kind="float", default=3600.0),
     Option("calib_size", "--day0-calib-size", "calibration samples for PTQ", kind="int", default=64),

@@ -19,6 +19,7 @@ import pytest
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
 from pytest_day0.options import OPTIONS
 from pytest_day0.release.state import (
+    COMPARISON_KEY,
     CONFIG_KEY,
     IDENTITY_KEY,
     OUTCOME_KEY,
@@ -466,6 +467,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 # shouldfail, not shouldstop: pytest maps shouldstop to exit 2 ("interrupted by the user"); the
                 # run failed and nothing later can succeed.
                 item.session.shouldfail = message
+        if getattr(item.config.option, "htmlpath", None):  # pytest-html writes a report: our numbers and plot in it
+            from pytest_day0.report.html_extras import gate_extras
+
+            comparison = item.stash.get(COMPARISON_KEY, None)
+            report.extras = [*getattr(report, "extras", []), *gate_extras(outcome, comparison)]
     report.user_properties = list(item.user_properties)
     return report
 
@@ -586,6 +592,16 @@ class Day0Session:
         json_report.clear()
         json_report["day0"] = day0
         json_report.update(rest)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_html_results_summary(self, prefix: list[str], summary: list[str], postfix: list[str],
+                                    session: pytest.Session) -> None:
+        """pytest-html's summary (after our session finish): the verdict, the plot, where report.html is."""
+        if self.state.session_verdict is None:
+            return
+        from pytest_day0.report.html_extras import summary_html
+
+        prefix.append(summary_html(self.state.session_verdict, self.state.comparisons, self.state.report_path))
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         config.pluginmanager.unregister(self)

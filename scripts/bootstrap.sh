@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install pytest-day0 with its CPU engines. Idempotent: once done, a second call only checks
-# (about a second); a changed pyproject.toml installs again.
+# Create .venv and install pytest-day0 with its CPU engines, MLflow's client and the test tools. Idempotent: once
+# done, a second call only checks (about a second); a changed pyproject.toml installs again.
 #   PYTHON            the interpreter that creates .venv (default: python3, >= 3.11)
 #   DAY0_TORCH_INDEX  where the CPU build of torch comes from (default: PyTorch's CPU index; empty: pip's own
 #                     configuration only)
@@ -42,6 +42,6 @@ EOF
 fi
 python -m pip install -q "$TORCH" "${torch_from[@]}"
 # lm-eval: the lm-eval engine (--day0-eval lm-eval) and its tests; its pins leave torch and transformers alone.
-python -m pip install -q -e ".[local,dev,lm-eval]"
+python -m pip install -q -e ".[local,dev,lm-eval,mlflow]"
 python -c "import torch; print(f'[bootstrap] torch {torch.__version__}, CUDA build: {torch.version.cuda or \"no\"}')"
 echo "$stamp" > .venv/.day0-bootstrap

@@ -256,9 +256,10 @@ def test_lm_eval_folders_gate_to_a_verdict(pytester: pytest.Pytester, tmp_path: 
     lost = [str(i) for i, v in enumerate(GSM_STRICT) if v == 1.0][:25]
     assert gsm["flips"] == {"n": 300, "tolerance": 0.5, "lost": lost, "gained": []}
     assert arc["flips"]["lost"] == [] and arc["flips"]["gained"] == []
-    # the terminal table: interval, n, test and decision per task
+    # the terminal table: interval, n, flips and decision per task, the test named in its caption, 100 columns
     row = next(line for line in out.splitlines() if line.strip().startswith("gsm8k"))
-    assert "[-0.1" in row and " 300 " in row and " betting " in row and row.rstrip().endswith("REGRESSION")
+    assert "[-0.1" in row and " 300 " in row and row.rstrip().endswith("REGRESSION") and len(row) <= 100
+    assert "bounds (a 90% interval) of the betting test" in out
     assert "plot (Δ with its interval per task)" in out and (pytester.path / "ws" / "delta.svg").is_file()
     # nothing was served and no PTQ ran: those gates skip, they do not fail
     assert result.parseoutcomes() == {"passed": 11, "skipped": 8, "warned": 1}

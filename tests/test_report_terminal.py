@@ -46,7 +46,7 @@ def test_table_prints_each_task_on_its_own_scale() -> None:
     assert header.split() == list(COLUMNS)
     arc = next(line for line in lines if line.strip().startswith("arc_like") and "83.6" in line)
     assert arc.split()[:5] == ["arc_like", "0–100", "84.0", "83.6", "-0.4"]
-    tau = next(line for line in lines if line.strip().startswith("tau_like") and "0.500" in line and "pass" in line)
+    tau = next(line for line in lines if line.strip().startswith("tau_like") and "0.500" in line and "PASS" in line)
     assert tau.split()[:5] == ["tau_like", "0–1", "0.500", "0.500", "+0.000"]
     omni = next(line for line in lines if line.strip().startswith("omni"))
     assert omni.split()[:5] == ["omni", "-100..100", "20.0", "19.0", "-1.0"]
@@ -55,8 +55,34 @@ def test_table_prints_each_task_on_its_own_scale() -> None:
 
 def test_missing_values_show_dash() -> None:
     lines, _ = _session()
-    row = next(line for line in lines if line.strip().startswith("tau_like") and "skip" in line)
-    assert row.split()[:8] == ["tau_like", "0–1", "0.500", "—", "—", "skip", "skip"]
+    row = next(line for line in lines if line.strip().startswith("tau_like") and "SKIPPED" in line)
+    assert row.split() == ["tau_like", "0–1", "0.500", "—", "—", "SKIPPED"]  # a classless skip still says so
+
+
+def test_every_line_of_the_tables_fits_100_columns() -> None:
+    lines, _ = _session()
+    verdict_at = next(i for i, line in enumerate(lines) if line.startswith("VERDICT"))
+    assert all(len(line) <= 100 for line in lines[:verdict_at]), [ln for ln in lines[:verdict_at] if len(ln) > 100]
+    assert any("CATASTROPHIC_REGRESSION" in line for line in lines[:verdict_at])
+
+
+def test_a_row_too_wide_wraps_under_itself_and_keeps_every_digit() -> None:
+    row = {"task": "mmlu_high_school_european_history", "scale": "-100..100", "base": "100.0", "cand": "27.5",
+           "delta": "-72.5", "interval": "[-100.0, +100.0]", "n": "100000", "flips": "12345↓ 12345↑",
+           "decision": "CATASTROPHIC_REGRESSION"}
+    short = {"task": "gsm", "scale": "0–1", "base": "0.500", "cand": "0.400", "delta": "-0.100",
+             "interval": "[-0.200, +0.000]", "n": "40", "flips": "1↓ 0↑", "decision": "PASS"}
+    lines = table_lines([row, short])
+    assert all(len(line) <= 100 for line in lines) and len(lines) == 8  # header, rule and 2 rows, 2 lines each
+    first, second = lines[4], lines[5]
+    assert first.split() == ["mmlu_high_school_european_history", "-100..100", "100.0", "27.5", "-72.5",
+                             "[-100.0,", "+100.0]", "100000"]
+    assert second.split() == ["12345↓", "12345↑", "CATASTROPHIC_REGRESSION"] and second.startswith("      ")
+    assert lines[1].split() == ["flips", "decision"]  # the header wraps at the same column
+    assert lines[7].split() == ["1↓", "0↑", "PASS"]
+    # a single cell wider than the line gets a line of its own, whole
+    huge = table_lines([{"task": "t" * 150, "n": "7"}], columns=("task", "n"))
+    assert any("t" * 150 in line for line in huge) and huge[-1].split() == ["7"]
 
 
 def test_verdict_lines_come_last_and_recommendation_is_the_final_line() -> None:

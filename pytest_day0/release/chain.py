@@ -26,7 +26,7 @@ from pytest_day0.engines import EvalRequest, ServeRequest, eval_engine, quantize
 from pytest_day0.failures import INFEASIBLE_CLASSES, Day0Error, FailureClass
 from pytest_day0.placement import LocalPlacement, Placement, QuantizeJob, ServeJob, ServerRecord
 from pytest_day0.release import keys
-from pytest_day0.release.comparisons import save_comparison
+from pytest_day0.release.comparisons import save_comparison, save_flip_detail
 from pytest_day0.release.runner import StageRunner
 from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import Task, load_task
@@ -701,6 +701,7 @@ class ReleaseChain:
     def task_comparison(self, recipe: str, task_name: str) -> TaskComparison:
         """One task's own comparison (per-task decisions, before the family-wise control); computed once."""
         from pytest_day0.gates.compare import compare_task, flips_of
+        from pytest_day0.gates.flip_items import flip_detail
         from pytest_day0.gates.run import align_records, check_run
         from pytest_day0.gates.stats import item_pairs, paired_from_records
 
@@ -718,10 +719,14 @@ class ReleaseChain:
             align_records(base, cand)  # ids and prompts: a pair that is no pair is SAMPLE_ACCOUNTING_FAILED
             spec = self.task(task_name).spec
             paired = paired_from_records(base, cand, c.confidence, horizon=horizon) if c.stat == "paired" else None
+            flips = flips_of(item_pairs(base, cand), higher_is_better=spec.higher_is_better)
             comparison = compare_task(
                 spec, results[BASELINE], results[recipe], threshold=c.threshold, floor=c.floor,
-                relative=c.relative, abstain=abstain, recipe=recipe, paired=paired,
-                flips=flips_of(item_pairs(base, cand), higher_is_better=spec.higher_is_better))
+                relative=c.relative, abstain=abstain, recipe=recipe, paired=paired, flips=flips)
+            save_flip_detail(self.ws.root, self.session_id, flip_detail(
+                flips, base, cand, recipe=recipe, task=task_name, samples=self.task(task_name).samples,
+                records={"baseline": results[BASELINE].records_path, "candidate": results[recipe].records_path}))
+            # saved by comparison() once the family control is applied: that is the comparison the gates assert
             return comparison.model_copy(update={"adaptive": stop}) if stop is not None else comparison
 
         return self.runner.local(f"task-compare-{recipe}-{task_name}", build)

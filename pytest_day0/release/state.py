@@ -54,9 +54,12 @@ class SessionState:
     plot_path: Path | None = None
     stopped_servers: list[str] = field(default_factory=list)
     extra_reports: list[Path] = field(default_factory=list)  # paths other plugins' pytest_day0_report wrote
+    report_path: Path | None = None  # report.html in the workspace
+    tracker_lines: list[str] = field(default_factory=list)  # MLflow: the run ids, or the one warning line
 
 
 CONFIG_KEY = pytest.StashKey["RunConfig"]()
 STATE_KEY = pytest.StashKey[SessionState]()
 IDENTITY_KEY = pytest.StashKey[GateIdentity]()  # per item
 OUTCOME_KEY = pytest.StashKey["GateOutcome"]()  # per item: what the test itself built with the typed builders
+COMPARISON_KEY = pytest.StashKey["TaskComparison"]()  # per item: the comparison a floor/quality/anomaly gate read

@@ -17,7 +17,7 @@ import pytest
 from pytest_day0.failures import Day0Error, FailureClass, GateFailure, Tier
 from pytest_day0.gates.outcome import GateOutcome, stage_outcome
 from pytest_day0.release.chain import BASELINE, ReleaseChain
-from pytest_day0.release.state import CONFIG_KEY, OUTCOME_KEY, STATE_KEY
+from pytest_day0.release.state import COMPARISON_KEY, CONFIG_KEY, OUTCOME_KEY, STATE_KEY
 
 T = TypeVar("T")
 
@@ -194,6 +194,7 @@ def _judge(day0_chain: ReleaseChain, recipe: str, task: str, gate: str, request:
 
     _both_sides(day0_chain, recipe, task)
     comparison = owns(lambda: day0_chain.comparison(recipe, task))
+    request.node.stash[COMPARISON_KEY] = comparison  # for reports that show a test's plot (pytest-html)
     decision = {"floor": comparison.floor, "quality": comparison.quality, "anomaly": comparison.anomaly}[gate]
     attach(request, decision_outcome(comparison, decision, warn_as_error=_warn_as_error(day0_chain)))
     if decision.skipped:

@@ -89,8 +89,10 @@ def step_summary_markdown(
     *,
     max_bytes: int = SUMMARY_CAP_BYTES,
     plot: str | None = None,
+    report: str | None = None,
 ) -> str:
-    """Verdict heading, one task table per recipe, then what failed and why; ``plot`` names delta.svg."""
+    """Verdict heading, one task table per recipe, then what failed and why; ``plot`` names delta.svg, ``report``
+    report.html (the flipped items with both sides' answers)."""
     order = ["ACCEPT", "INCONCLUSIVE", "REGRESSION", "ANOMALOUS", "INFEASIBLE"]
     head = "ACCEPT" if session.recommended else max((v.decision for v in session.verdicts), key=order.index,
                                                      default="ANOMALOUS")
@@ -121,6 +123,9 @@ def step_summary_markdown(
                   "limit, REGRESSION wholly beyond it, else INCONCLUSIVE."]
     if plot:
         lines += ["", f"Plot of Δ with its interval per task: `{escape_cell(plot)}` (in the workspace artifact)."]
+    if report:
+        lines += ["", f"Report with the flipped items and both sides' answers: `{escape_cell(report)}` (one "
+                  "self-contained page in the workspace artifact: open it in a browser, no network needed)."]
     bad = [o for o in outcomes if o.status in ("failed", "warned")]
     lines += ["", "### What failed and why", ""]
     if not bad:

@@ -1,4 +1,5 @@
-"""End of session: outcomes -> verdicts -> verdict.json, terminal lines, GitHub summary, JSON report block.
+"""End of session: outcomes -> verdicts -> verdict.json, report.html, terminal lines, GitHub summary, JSON report
+block, and (``--day0-mlflow``) the MLflow runs.
 
 Runs once, on the controller (or the only process), after every gate test has reported. Other plugins read the
 verdict (and annotate it) through the ``pytest_day0_verdict`` hook and add reports through ``pytest_day0_report``.
@@ -14,9 +15,9 @@ from typing import Any
 import pytest
 
 from pytest_day0.gates.outcome import GateOutcome
-from pytest_day0.release.comparisons import load_comparisons
+from pytest_day0.release.comparisons import load_comparisons, load_flip_details
 from pytest_day0.release.state import SessionState
-from pytest_day0.report import github, terminal
+from pytest_day0.report import github, html_report, terminal
 from pytest_day0.report.plot import write_delta_svg
 from pytest_day0.report.verdict_json import verdict_document, write_verdict_json
 from pytest_day0.verdict import SessionVerdict, decide, decide_session
@@ -50,24 +51,50 @@ def finish(state: SessionState, config: pytest.Config) -> SessionVerdict:
     session = decide_session(verdicts)
     state.comparisons = load_comparisons(run.workdir, state.session_id, run.recipes, tuple(state.task_names))
     annotations: dict[str, Any] = {}
-    for extra in config.hook.pytest_day0_verdict(session_verdict=session, comparisons=list(state.comparisons),
-                                                 outcomes=list(state.outcomes), config=config):
-        if isinstance(extra, dict):
-            annotations.update(extra)
+    for note in config.hook.pytest_day0_verdict(session_verdict=session, comparisons=list(state.comparisons),
+                                                outcomes=list(state.outcomes), config=config):
+        if isinstance(note, dict):
+            annotations.update(note)
     if annotations:
         session = session.model_copy(update={"annotations": {**session.annotations, **annotations}})
     state.session_verdict = session
     run_dir = run.workdir / "runs" / state.session_id
-    extra = {"config": run.public_dict(), "session_id": state.session_id,
-             "outcomes": [o.model_dump(mode="json") for o in state.outcomes]}
+    details = load_flip_details(run.workdir, state.session_id, state.comparisons)
+    tracker = None
+    if run.mlflow:  # the runs first, so their ids are in verdict.json and report.html
+        from pytest_day0.report import mlflow_log
+
+        tracker, warning = mlflow_log.start_runs(session, session_id=state.session_id, model=run.model,
+                                                 experiment=run.mlflow_experiment)
+        state.tracker_lines = [tracker.line() if tracker is not None else str(warning)]
+    extra: dict[str, Any] = {"config": run.public_dict(), "session_id": state.session_id,
+                             "outcomes": [o.model_dump(mode="json") for o in state.outcomes]}
+    if run.mlflow:
+        extra["mlflow"] = tracker.ids() if tracker is not None else {"error": state.tracker_lines[0]}
     write_verdict_json(run_dir / "verdict.json", session, state.comparisons, extra)
     write_verdict_json(run.workdir / "verdict.json", session, state.comparisons, extra)
     write_delta_svg(run_dir / "delta.svg", state.comparisons)
     state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons)
+    page = html_report.render_report(
+        session, state.comparisons, state.outcomes, details, public_config=run.public_dict(),
+        session_id=state.session_id, model=run.model, links={"mlflow": tracker.line()} if tracker else None)
+    html_report.write_report(run_dir / "report.html", page)
+    state.report_path = html_report.write_report(run.workdir / "report.html", page)
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_path:
         github.write_step_summary(summary_path, github.step_summary_markdown(
-            session, state.comparisons, state.outcomes, plot=str(state.plot_path)))
+            session, state.comparisons, state.outcomes, plot=str(state.plot_path), report=str(state.report_path)))
+    if tracker is not None:
+        from pytest_day0.report import mlflow_log
+
+        files = {r: mlflow_log.RecipeFiles(
+            plot=write_delta_svg(run_dir / "plots" / r / "delta.svg", [c for c in state.comparisons if c.recipe == r]),
+            records={d.task: dict(d.records) for d in details if d.recipe == r}) for r in run.recipes}
+        warning = mlflow_log.finish_runs(tracker, session, state.comparisons, public_config=run.public_dict(),
+                                         session_files=[run_dir / "verdict.json", run_dir / "report.html",
+                                                        run_dir / "delta.svg"], recipe_files=files)
+        if warning:
+            state.tracker_lines.append(warning)
     state.extra_reports = [Path(p) for p in config.hook.pytest_day0_report(
         session_verdict=session, comparisons=list(state.comparisons), outcomes=list(state.outcomes),
         run_dir=run_dir, config=config) if p]
@@ -83,6 +110,9 @@ def terminal_lines(state: SessionState) -> list[str]:
     lines.append(f"verdict.json: {state.config.workdir / 'verdict.json'}")
     if state.plot_path is not None:
         lines.append(f"plot (Δ with its interval per task): {state.plot_path}")
+    if state.report_path is not None:
+        lines.append(f"report.html (tasks, gates, flipped items with both answers): {state.report_path}")
+    lines += state.tracker_lines
     lines += [f"report: {path}" for path in state.extra_reports]
     if os.environ.get("GITHUB_ACTIONS") == "true":
         lines = github.annotation_lines(state.outcomes) + lines
