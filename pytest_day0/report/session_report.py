@@ -17,7 +17,7 @@ from pytest_day0.gates.outcome import GateOutcome
 from pytest_day0.release.comparisons import load_comparisons
 from pytest_day0.release.state import SessionState
 from pytest_day0.report import github, terminal
-from pytest_day0.report.plot import write_delta_svg
+from pytest_day0.report.plot import recipes_not_compared, write_delta_svg
 from pytest_day0.report.verdict_json import verdict_document, write_verdict_json
 from pytest_day0.verdict import SessionVerdict, decide, decide_session
 
@@ -62,8 +62,9 @@ def finish(state: SessionState, config: pytest.Config) -> SessionVerdict:
              "outcomes": [o.model_dump(mode="json") for o in state.outcomes]}
     write_verdict_json(run_dir / "verdict.json", session, state.comparisons, extra)
     write_verdict_json(run.workdir / "verdict.json", session, state.comparisons, extra)
-    write_delta_svg(run_dir / "delta.svg", state.comparisons)
-    state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons)
+    failed = recipes_not_compared(session, state.comparisons)  # listed in the plot, not left out
+    write_delta_svg(run_dir / "delta.svg", state.comparisons, failed_recipes=failed)
+    state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons, failed_recipes=failed)
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_path:
         github.write_step_summary(summary_path, github.step_summary_markdown(
