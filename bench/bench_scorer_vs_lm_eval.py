@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -260,23 +260,25 @@ def serve_replay(cache_path: str, ready_path: str) -> int:
     return 0
 
 
-def transport_floor(cache_path: str, url: str, conc: int, n: int) -> int:
-    """The HTTP clients alone (httpx with our lean h11 transport: ours; httpx's default stack; aiohttp: lm-eval's)
-    POSTing recorded scoring requests at the same
-    concurrency: the per-request floor each tool sits on, before any scoring logic. Prints one JSON line."""
+def transport_floor(cache_path: str, url: str, conc: int, n: int, repeats: int = 3) -> int:
+    """The HTTP clients alone, POSTing recorded scoring requests at the same concurrency, before any scoring logic:
+    ours (``OpenAIClient.post``: httpx requests sent straight to httpx-aiohttp's transport, the retry bookkeeping,
+    the JSON body parsed), httpx's ``AsyncClient`` on that same transport, httpx's default stack (httpcore + anyio),
+    and aiohttp as lm-eval uses it. One warm-up round, then ``repeats`` rounds in turn (so load drifts hit all
+    alike); the median of each. Prints one JSON line."""
     import aiohttp
     import httpx
+
+    from pytest_day0.scoring.client import OpenAIClient, scorer_transport
+    from pytest_day0.serving.endpoint import Endpoint
 
     keys = [k for k in json.loads(Path(cache_path).read_text()) if k.startswith("/v1/completions ")]
     bodies = [json.loads(k.split(" ", 1)[1]) for k in keys]
     bodies = (bodies * (n // max(len(bodies), 1) + 1))[:n]
 
-    from pytest_day0.scoring.transport import transport_for
-
-    async def with_httpx(lean: bool = True) -> None:
+    async def with_httpx(transport: httpx.AsyncBaseTransport | None) -> None:
         sem = asyncio.Semaphore(conc)
         limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-        transport = transport_for(url, conc) if lean else None
         async with httpx.AsyncClient(base_url=url, limits=limits, transport=transport) as client:
             async def one(body: dict[str, Any]) -> None:
                 async with sem:
@@ -291,16 +293,32 @@ def transport_floor(cache_path: str, url: str, conc: int, n: int) -> int:
                     await resp.json()
             await asyncio.gather(*(one(b) for b in bodies))
 
-    result: dict[str, Any] = {"requests": len(bodies), "concurrency": conc}
-    async def with_httpx_default() -> None:
-        await with_httpx(lean=False)
+    async def ours() -> None:
+        async with OpenAIClient(Endpoint(url=url, model=SERVED_NAME), concurrency=conc) as client:
+            await asyncio.gather(*(client.post("/v1/completions", {k: v for k, v in b.items() if k != "model"})
+                                   for b in bodies))
 
-    runs = (("httpx", with_httpx), ("httpx_default", with_httpx_default), ("aiohttp", with_aiohttp))
-    for name, fn in runs * 2:  # twice: keep the second
-        c0, t0 = time.process_time(), time.perf_counter()
-        asyncio.run(fn())
-        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-        result[name] = {"req_per_s": round(len(bodies) / wall, 1), "cpu_ms_per_req": round(1000 * cpu / len(bodies), 3)}
+    async def httpx_client_aiohttp() -> None:
+        await with_httpx(scorer_transport(url, conc))
+
+    async def httpx_default() -> None:
+        await with_httpx(None)
+
+    runs: tuple[tuple[str, Callable[[], Coroutine[Any, Any, None]]], ...] = (
+        ("ours", ours), ("httpx_client_aiohttp", httpx_client_aiohttp), ("httpx_default", httpx_default),
+        ("aiohttp", with_aiohttp))
+    seen: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in runs}
+    for round_ in range(repeats + 1):
+        for name, fn in runs:
+            c0, t0 = time.process_time(), time.perf_counter()
+            asyncio.run(fn())
+            if round_:  # round 0 warms imports, caches and the server
+                seen[name].append((time.process_time() - c0, time.perf_counter() - t0))
+    result: dict[str, Any] = {"requests": len(bodies), "concurrency": conc, "repeats": repeats}
+    for name, got in seen.items():
+        cpu, wall = statistics.median(c for c, _ in got), statistics.median(w for _, w in got)
+        result[name] = {"req_per_s": round(len(bodies) / wall, 1), "cpu_ms_per_req": round(1000 * cpu / len(bodies), 3),
+                        "cpu_ms_per_req_runs": [round(1000 * c / len(bodies), 3) for c, _ in got]}
     print(json.dumps(result))
     return 0
 
@@ -691,12 +709,14 @@ def main() -> int:
     boot = startup(rows)
     print_table(summary, marg, boot, agree)
     if transport:
-        hx, hd, ah = transport["httpx"], transport["httpx_default"], transport["aiohttp"]
         print(f"\nHTTP client floor on the replay server ({transport['requests']} scoring POSTs, concurrency "
-              f"{transport['concurrency']}, no scoring logic): httpx + our h11 transport (ours) {hx['req_per_s']} "
-              f"req/s, {hx['cpu_ms_per_req']} ms cpu/req; httpx default transport {hd['req_per_s']} req/s, "
-              f"{hd['cpu_ms_per_req']} ms cpu/req; aiohttp (lm-eval) {ah['req_per_s']} req/s, "
-              f"{ah['cpu_ms_per_req']} ms cpu/req")
+              f"{transport['concurrency']}, no scoring logic; median of {transport['repeats']}):")
+        for key, what in (("ours", "ours: OpenAIClient.post, httpx requests on httpx-aiohttp's transport"),
+                          ("httpx_client_aiohttp", "httpx.AsyncClient on httpx-aiohttp's transport"),
+                          ("httpx_default", "httpx.AsyncClient, default transport (httpcore + anyio)"),
+                          ("aiohttp", "aiohttp (lm-eval's client)")):
+            v = transport[key]
+            print(f"  {what:72} {v['req_per_s']:>8} req/s {v['cpu_ms_per_req']:>7} ms cpu/req")
 
     result = {
         "benchmark": "scorer_vs_lm_eval",

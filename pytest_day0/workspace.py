@@ -42,15 +42,15 @@ def _create_beside(path: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
 
 
-def replace_file(path: Path, text: str) -> None:
+def replace_file(path: Path, text: str | bytes) -> None:
     """A reader never sees half a file: write beside it, fsync, rename over it. Raises OSError, leaving the old
     file and no temporary copy, for callers that word their own error (the records file counts what it kept).
     The new file gets the mode any other new file would (0666 minus the umask: 0644 by default)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text if isinstance(text, bytes) else text.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -59,8 +59,9 @@ def replace_file(path: Path, text: str) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """``replace_file`` for the workspace's own files: a full disk is one SYSTEMIC line, not a traceback."""
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """``replace_file`` for the workspace's own files (text, or bytes such as a PNG): a full disk is one SYSTEMIC
+    line, not a traceback."""
     try:
         replace_file(path, text)
     except OSError as exc:

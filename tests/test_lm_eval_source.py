@@ -261,6 +261,8 @@ def test_lm_eval_folders_gate_to_a_verdict(pytester: pytest.Pytester, tmp_path: 
     assert "[-0.1" in row and " 300 " in row and row.rstrip().endswith("REGRESSION") and len(row) <= 100
     assert "bounds (a 90% interval) of the betting test" in out
     assert "plot (Δ with its interval per task)" in out and (pytester.path / "ws" / "delta.svg").is_file()
+    plot = [t.text or "" for t in ET.parse(pytester.path / "ws" / "delta.svg").iter("{http://www.w3.org/2000/svg}text")]
+    assert "fp8 / gsm8k" in plot and any(t.startswith("Δ -0.083 [") and t.endswith("REGRESSION") for t in plot), plot
     # nothing was served and no PTQ ran: those gates skip, they do not fail
     assert result.parseoutcomes() == {"passed": 11, "skipped": 8, "warned": 1}
     # JUnit: the quality test of gsm8k carries the numbers

@@ -432,6 +432,9 @@ def test_unsupported_recipe_is_infeasible(pytester: pytest.Pytester, shared_ws: 
     verdict = run.verdict(shared_ws)
     assert _decisions(verdict) == {recipe: "INFEASIBLE"}
     assert verdict["session"]["recommended"] is None
+    # the plot lists the recipe that was never compared instead of leaving it out
+    plot = [t.text for t in ET.parse(shared_ws / "delta.svg").iter("{http://www.w3.org/2000/svg}text")]
+    assert f"{recipe} (every task)" in plot and "not compared: INFEASIBLE (MODEL_UNSUPPORTED)" in plot, plot
     assert not [e for e in events(shared_ws, "server_start") if e["side"] == recipe]
 
 

@@ -1,20 +1,30 @@
-"""delta.svg: per task, the quality change with its interval against the threshold and floor lines.
+"""delta.svg / delta.png: per task, the quality change with its interval against the threshold and floor lines.
 
-Pure string building, no plotting library. The x axis is the change in quality as a percentage of what the
-limits are fractions of (the task's range, or with ``--day0-relative`` the baseline's distance from the worst
-score), so tasks on 0–1, 0–100 and −100..100 share one axis and one pair of limit lines; left is worse. A dot
-is the estimate, a bar its interval; colour is the decision. A row without an interval (``--day0-stat point``)
-is a dot alone.
+Drawn with matplotlib (imported only when a plot is written: ~0.3–2 s, never paid by a session that writes no
+report). The x axis is the change in quality as a percentage of what the limits are fractions of (the task's range,
+or with ``--day0-relative`` the baseline's distance from the worst score), so tasks on 0–1, 0–100 and −100..100
+share one axis and one pair of limit lines; left is worse. The axis is linear out to the floor and logarithmic
+beyond it (symlog), so one −100% row does not squeeze every other interval into a few pixels. A dot is the
+estimate, a bar its interval; colour is the decision. A row without an interval (``--day0-stat point``) is a dot
+alone; a task or recipe that was not compared is a row with its reason and no dot. The figure grows with the rows
+and is saved to the extent of its text, so no label is cut.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from html import escape
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pytest_day0.gates.compare import TaskComparison, comparison_decision, format_score
 from pytest_day0.workspace import atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pytest_day0.verdict import SessionVerdict
 
 COLOURS = {
     "PASS": "#1a7f37",
@@ -24,12 +34,26 @@ COLOURS = {
     "ANOMALOUS": "#8250df",
 }
 GREY = "#8c959f"
-ROW = 30
-LEFT = 190
-PLOT_W = 420
-RIGHT = 300
-TOP = 58
-BOTTOM = 60
+TEXT = "#24292f"
+MUTED = "#57606a"
+ZERO_COLOUR, THRESHOLD_COLOUR, FLOOR_COLOUR = MUTED, "#bf8700", "#cf222e"
+TITLE = "pytest-day0: quality change per task"
+ROW_IN = 0.27  # inches per row: 9 pt labels with room between them
+WIDTH_IN = 7.0  # the plotting area; labels left and right add to it
+PNG_DPI = 110
+CANDIDATE_TICKS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+MIN_TICK_GAP_IN = 0.45  # closer tick labels would overprint
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the plot: what is drawn (plain data, so tests read it without a figure)."""
+
+    name: str
+    label: str  # right-hand text: delta, interval, n, decision (or why there is nothing to draw)
+    colour: str
+    change: tuple[float, float, float] | None  # (estimate, low, high) in percent; None: no dot
+    group: str  # the recipe: rows of one recipe share a band
 
 
 def _change(c: TaskComparison) -> tuple[float, float, float] | None:
@@ -44,7 +68,9 @@ def _change(c: TaskComparison) -> tuple[float, float, float] | None:
 
 def _label(c: TaskComparison) -> str:
     if c.delta is None:
-        return "not compared"
+        decision = comparison_decision(c)
+        why = c.quality.message.removeprefix(f"{c.task}: ")
+        return f"not compared: {why}" + ("" if decision == "SKIPPED" else f" {decision}")
     text = f"Δ {format_score(c.delta, c.scale, signed=True)}"
     if c.ci_low is not None and c.ci_high is not None:
         text += f" [{format_score(c.ci_low, c.scale, signed=True)}, {format_score(c.ci_high, c.scale, signed=True)}]"
@@ -53,61 +79,163 @@ def _label(c: TaskComparison) -> str:
     return f"{text} {comparison_decision(c)}"
 
 
-def delta_svg(comparisons: Sequence[TaskComparison], title: str = "pytest-day0: quality change per task") -> str:
-    rows = list(comparisons)
-    height = TOP + max(len(rows), 1) * ROW + BOTTOM
-    width = LEFT + PLOT_W + RIGHT
-    changes = [ch for ch in (_change(c) for c in rows) if ch is not None]
-    floor = max((c.floor_fraction for c in rows), default=0.10) * 100
-    threshold = max((c.threshold for c in rows), default=0.01) * 100
+def recipes_not_compared(session: SessionVerdict, comparisons: Sequence[TaskComparison]) -> dict[str, str]:
+    """Recipes with no comparison at all (PTQ, serving or evaluation failed upstream) -> their verdict and classes,
+    so a plot lists them instead of leaving them out."""
+    compared = {c.recipe for c in comparisons}
+    out = {}
+    for v in session.verdicts:
+        if v.recipe not in compared:
+            classes = ", ".join(dict.fromkeys(str(f) for f in v.failure_classes))
+            out[v.recipe] = f"{v.decision}" + (f" ({classes})" if classes else "")
+    return out
+
+
+def plot_rows(comparisons: Sequence[TaskComparison], failed_recipes: Mapping[str, str] | None = None) -> list[Row]:
+    rows = []
+    for c in comparisons:
+        decision = comparison_decision(c)
+        name = f"{c.recipe} / {c.task}" if c.recipe else c.task
+        rows.append(Row(name, _label(c), COLOURS.get(decision, GREY), _change(c), c.recipe or ""))
+    for recipe, why in (failed_recipes or {}).items():
+        rows.append(Row(f"{recipe} (every task)", f"not compared: {why}", GREY, None, recipe))
+    return rows
+
+
+def _limits(comparisons: Sequence[TaskComparison]) -> tuple[float, float]:
+    """(threshold, floor) in percent, the strictest the session used."""
+    floor = max((c.floor_fraction for c in comparisons), default=0.10) * 100
+    threshold = max((c.threshold for c in comparisons), default=0.01) * 100
+    return threshold, floor
+
+
+def _ticks(lo: float, hi: float, threshold: float, floor: float, to_inches: Callable[[float], float]) -> list[float]:
+    """Round values inside the axis, dropped where a label would overprint a kept one: zero, the two limits and
+    the outermost round value on each side (a -100% row's tick) first, then the rest from the middle out."""
+    rounds = [s * v for v in CANDIDATE_TICKS for s in (-1, 1) if lo <= s * v <= hi]
+    ends = [min(rounds, default=0.0), max(rounds, default=0.0)]
+    wanted = [0.0, -threshold, -floor, *ends, *rounds]
+    kept: list[float] = []
+    for v in wanted:
+        if not lo <= v <= hi:
+            continue
+        x = to_inches(v)
+        if all(abs(x - to_inches(k)) >= MIN_TICK_GAP_IN for k in kept):
+            kept.append(v)
+    return sorted(kept)
+
+
+def _percent(v: float) -> str:
+    return "0" if v == 0 else f"{v:+g}%".replace("-", "−")
+
+
+def delta_figure(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
+                 failed_recipes: Mapping[str, str] | None = None) -> Figure:
+    """The plot as a matplotlib Figure (no pyplot: no global state, safe off the main thread)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+
+    rows = plot_rows(comparisons, failed_recipes)
+    n = max(len(rows), 1)
+    threshold, floor = _limits(comparisons)
+    changes = [r.change for r in rows if r.change is not None]
     lo = min([-floor * 1.25, *(ch[1] for ch in changes)])
     hi = max([floor * 0.5, *(ch[2] for ch in changes)])
-    lo, hi = max(lo, -100.0), min(hi, 100.0)
-    span = hi - lo or 1.0
 
-    def x(v: float) -> float:
-        return LEFT + (min(max(v, lo), hi) - lo) / span * PLOT_W
+    fig = Figure(figsize=(WIDTH_IN + 8, 1.6 + ROW_IN * n), layout="constrained")  # width set below
+    ax = fig.add_subplot()
+    ax.set_xscale("symlog", linthresh=floor * 1.25, linscale=2.5)
+    scale = ax.xaxis.get_transform()
+    s_lo, s_hi = scale.transform([lo, hi])
+    pad = 0.03 * (s_hi - s_lo)  # a dot at either end keeps its whole disc
+    lo, hi = (float(v) for v in scale.inverted().transform([s_lo - pad, s_hi + pad]))
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(n - 0.5, -0.5)  # first row on top
+    ax.set_yticks(range(len(rows)), [r.name for r in rows], fontsize=9, color=TEXT)
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(range(len(rows)), [r.label for r in rows], fontsize=9)
+    for text, row in zip(right.get_yticklabels(), rows, strict=True):
+        text.set_color(row.colour)
+    right.tick_params(length=0)
+    right.spines["right"].set_visible(False)
+    ax.tick_params(axis="y", length=0)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.set_xlabel("quality change, % of the range (left is worse; linear to the floor, logarithmic beyond)",
+                  fontsize=9, color=MUTED)
+    ax.set_title(f"{title}\nbar = interval, dot = estimate", loc="left", fontsize=10, color=TEXT)
+    fig.legend(handles=[Line2D([], [], color=ZERO_COLOUR, linewidth=1, label="no change"),
+                        Line2D([], [], color=THRESHOLD_COLOUR, linewidth=1, linestyle=(0, (4, 3)),
+                               label=f"threshold {_percent(-threshold)}"),
+                        Line2D([], [], color=FLOOR_COLOUR, linewidth=1, linestyle=(0, (8, 3)),
+                               label=f"floor {_percent(-floor)}")],
+               loc="outside lower center", ncol=3, fontsize=8, frameon=False)
 
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{LEFT}" y="20" font-size="14" font-weight="bold">{escape(title)}</text>',
-        f'<text x="{LEFT}" y="38" fill="#57606a">quality change, % of the range (left is worse); '
-        "bar = interval, dot = estimate</text>",
-    ]
-    plot_top, plot_bottom = TOP - 6, TOP + len(rows) * ROW
-    # labels on their own lines under the plot (zero, threshold, floor), so close lines never overprint
-    for row, (value, name, dash, colour) in enumerate(((0.0, "0", "", "#57606a"),
-                                                       (-threshold, f"threshold −{threshold:g}%", "4,3", "#bf8700"),
-                                                       (-floor, f"floor −{floor:g}%", "8,3", "#cf222e"))):
-        if lo <= value <= hi:
-            out.append(f'<line x1="{x(value):.1f}" y1="{plot_top}" x2="{x(value):.1f}" y2="{plot_bottom}" '
-                       f'stroke="{colour}" stroke-width="1"' + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
-            out.append(f'<text x="{x(value) - 3:.1f}" y="{plot_bottom + 13 + 12 * row}" fill="{colour}" '
-                       f'text-anchor="end" font-size="11">{escape(name)}</text>')
-    for tick in (lo, hi):
-        out.append(f'<text x="{x(tick):.1f}" y="{plot_bottom + 50}" fill="#57606a" text-anchor="middle" '
-                   f'font-size="10">{tick:+.1f}%</text>')
-    for i, c in enumerate(rows):
-        y = TOP + i * ROW + ROW / 2
-        name = f"{c.recipe} / {c.task}" if c.recipe else c.task
-        out.append(f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{escape(name)}</text>')
-        ch = _change(c)
-        decision = comparison_decision(c)
-        colour = COLOURS.get(decision, GREY)
-        if ch is not None:
-            point, low, high = ch
-            out.append(f'<line x1="{x(low):.1f}" y1="{y:.1f}" x2="{x(high):.1f}" y2="{y:.1f}" stroke="{colour}" '
-                       'stroke-width="3" stroke-linecap="round"/>')
-            out.append(f'<circle cx="{x(point):.1f}" cy="{y:.1f}" r="4.5" fill="{colour}"/>')
-        out.append(f'<text x="{LEFT + PLOT_W + 10}" y="{y + 4:.1f}" fill="{colour}">{escape(_label(c))}</text>')
+    group, shade = None, False
+    for i, row in enumerate(rows):  # alternate bands per recipe: 13 recipes x 3 tasks read as 13 blocks
+        if row.group != group:
+            group, shade = row.group, not shade
+        if shade:
+            ax.axhspan(i - 0.5, i + 0.5, color="#f6f8fa", zorder=0, linewidth=0)
+    for value, colour, style in ((0.0, ZERO_COLOUR, "-"), (-threshold, THRESHOLD_COLOUR, (0, (4, 3))),
+                                 (-floor, FLOOR_COLOUR, (0, (8, 3)))):
+        ax.axvline(value, color=colour, linestyle=style, linewidth=1, zorder=1)
+    for i, row in enumerate(rows):
+        if row.change is None:
+            continue
+        point, low, high = row.change
+        ax.plot([low, high], [i, i], color=row.colour, linewidth=3, solid_capstyle="round", zorder=2)
+        ax.plot([point], [i], marker="o", markersize=6, color=row.colour, zorder=3)
     if not rows:
-        out.append(f'<text x="{LEFT}" y="{TOP + 18}" fill="{GREY}">no task was compared</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+        ax.text(0.5, 0.5, "no task was compared", transform=ax.transAxes, ha="center", va="center", color=GREY)
+
+    # constrained layout fits the labels inside the figure by narrowing the axis: widen the figure by what the
+    # labels took, so the plotting area is WIDTH_IN whatever the names' lengths, then space the x ticks on it
+    fig.draw_without_rendering()
+    fig.set_size_inches(fig.get_figwidth() + WIDTH_IN - ax.get_window_extent().width / fig.dpi, fig.get_figheight())
+    fig.draw_without_rendering()
+    width_in = ax.get_window_extent().width / fig.dpi
+    s_lo, s_hi = scale.transform([lo, hi])
+
+    def to_inches(v: float) -> float:
+        return float((scale.transform([v])[0] - s_lo) / (s_hi - s_lo) * width_in)
+
+    ticks = _ticks(lo, hi, threshold, floor, to_inches)
+    ax.set_xticks(ticks, [_percent(t) for t in ticks], fontsize=8, color=MUTED)
+    ax.xaxis.set_minor_locator(NullLocator())
+    return fig
 
 
-def write_delta_svg(path: Path, comparisons: Sequence[TaskComparison]) -> Path:
-    atomic_write_text(path, delta_svg(comparisons))
+def _render(fig: Figure, fmt: str) -> bytes:
+    from matplotlib import rc_context
+
+    buf = io.BytesIO()
+    # text stays text in the SVG (searchable, selectable, what the tests read); ids and metadata are fixed so
+    # the same comparisons give the same bytes
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "pytest-day0"}):
+        fig.savefig(buf, format=fmt, dpi=PNG_DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white",
+                    metadata={"Date": None} if fmt == "svg" else {"Software": None})
+    return buf.getvalue()
+
+
+def delta_svg(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
+              failed_recipes: Mapping[str, str] | None = None) -> str:
+    return _render(delta_figure(comparisons, title, failed_recipes=failed_recipes), "svg").decode()
+
+
+def delta_png(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
+              failed_recipes: Mapping[str, str] | None = None) -> bytes:
+    return _render(delta_figure(comparisons, title, failed_recipes=failed_recipes), "png")
+
+
+def write_delta_svg(path: Path, comparisons: Sequence[TaskComparison], *,
+                    failed_recipes: Mapping[str, str] | None = None) -> Path:
+    atomic_write_text(path, delta_svg(comparisons, failed_recipes=failed_recipes))
+    return path
+
+
+def write_delta_png(path: Path, comparisons: Sequence[TaskComparison], *,
+                    failed_recipes: Mapping[str, str] | None = None) -> Path:
+    atomic_write_text(path, delta_png(comparisons, failed_recipes=failed_recipes))
     return path

@@ -18,9 +18,10 @@ from pytest_day0.gates.outcome import GateOutcome
 from pytest_day0.release.comparisons import load_comparisons, load_flip_details
 from pytest_day0.release.state import SessionState
 from pytest_day0.report import github, html_report, terminal
-from pytest_day0.report.plot import write_delta_svg
+from pytest_day0.report.plot import recipes_not_compared, write_delta_svg
 from pytest_day0.report.verdict_json import verdict_document, write_verdict_json
 from pytest_day0.verdict import SessionVerdict, decide, decide_session
+from pytest_day0.workspace import atomic_write_text
 
 
 def _size_ratio(state: SessionState, recipe: str) -> float | None:
@@ -73,8 +74,9 @@ def finish(state: SessionState, config: pytest.Config) -> SessionVerdict:
         extra["mlflow"] = tracker.ids() if tracker is not None else {"error": state.tracker_lines[0]}
     write_verdict_json(run_dir / "verdict.json", session, state.comparisons, extra)
     write_verdict_json(run.workdir / "verdict.json", session, state.comparisons, extra)
-    write_delta_svg(run_dir / "delta.svg", state.comparisons)
-    state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons)
+    failed = recipes_not_compared(session, state.comparisons)  # listed in the plot, not left out
+    state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons, failed_recipes=failed)
+    atomic_write_text(run_dir / "delta.svg", state.plot_path.read_text(encoding="utf-8"))  # drawn once
     page = html_report.render_report(
         session, state.comparisons, state.outcomes, details, public_config=run.public_dict(),
         session_id=state.session_id, model=run.model, links={"mlflow": tracker.line()} if tracker else None)

@@ -3,28 +3,39 @@
 Why our own and not ``openai``: the failure class of every error is the product here. A 5xx, 429, timeout or
 dropped connection is INFRA_TRANSIENT (retried with seeded, jittered backoff); any other 4xx, a bad key, or a
 body that is not the OpenAI shape is EVAL_JUDGE_FAILED and is not retried, because re-sending cannot fix it.
+
+HTTP: httpx's requests, responses, timeouts and errors on aiohttp's connection pool (``httpx-aiohttp``), sent
+straight to the transport. The scorer sends tens of thousands of small POSTs; httpx's default httpcore + anyio
+stack costs ~4x the client CPU per request of this one, and ``AsyncClient``'s per-request work the scorer does not
+use (URL merging, cookie jar, auth and redirect flows) costs as much again as the transport (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import math
 import random
+import ssl
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
+from pytest_day0 import __version__
 from pytest_day0.failures import Day0Error, FailureClass
-from pytest_day0.scoring.transport import transport_for
 from pytest_day0.serving.endpoint import Endpoint
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 BODY_SNIPPET = 160
+KEEPALIVE_S = 5.0  # an idle connection is closed after this, as httpx's pool does
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,78 @@ def _one_line(text: str, limit: int = BODY_SNIPPET) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def httpx_error_for(exc: BaseException) -> type[httpx.TransportError] | None:
+    """httpx's name for an aiohttp failure, by its most specific class; None for anything not aiohttp's.
+
+    httpx-aiohttp 0.2.0 maps by the first matching base class, so a refused port and a server that hangs up
+    both arrive as ``ConnectTimeout`` (a timeout that never happened), and a malformed status line escapes as
+    aiohttp's own ``ClientResponseError``, which no httpx handler catches."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return httpx.ReadTimeout
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return httpx.UnsupportedProtocol
+    if isinstance(exc, aiohttp.ClientError):
+        return httpx.ReadError
+    return None
+
+
+class ScorerTransport(AiohttpTransport):
+    """httpx-aiohttp's transport, reading the whole body inside it so that every aiohttp failure, the body's
+    included, reaches the retry policy as the httpx error it names (``httpx_error_for``)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = await super().handle_async_request(request)
+            try:
+                await response.aread()
+            except BaseException:  # cancelled or failed mid-body: aiohttp closes a half-read connection
+                await response.aclose()
+                raise
+        except (httpx.TransportError, aiohttp.ClientError) as exc:
+            cause = exc.__cause__ if isinstance(exc, httpx.TransportError) else exc
+            kind = httpx_error_for(cause) if cause is not None else None
+            if kind is None:
+                raise
+            raise kind(str(cause) or type(cause).__name__, request=request) from cause
+        return response
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's certificate store (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), loaded once per process: 70 ms a time."""
+    return httpx.create_ssl_context()
+
+
+def environment_proxy(url: str) -> httpx.Proxy | None:
+    """The proxy HTTP(S)_PROXY / ALL_PROXY name for ``url``, unless NO_PROXY exempts it: read once per client, as
+    httpx's client reads them. Not aiohttp's ``trust_env``: it looks them (and ~/.netrc) up on a worker thread for
+    every request, two thread hand-offs per request (a third of the scorer's CPU in a profile)."""
+    target = httpx.URL(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(target.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(target.host):
+        return None
+    return httpx.Proxy(proxy)
+
+
+def scorer_transport(url: str, max_connections: int, verify: ssl.SSLContext | None = None) -> ScorerTransport:
+    """For requests to ``url``: at most ``max_connections`` sockets, kept alive between requests; TLS verified
+    against ``verify`` (default: httpx's store); the environment's proxy for ``url``, if any."""
+    tls = verify or _tls_context()
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=max_connections, ssl=tls, keepalive_timeout=KEEPALIVE_S)
+        return aiohttp.ClientSession(connector=connector)
+
+    return ScorerTransport(verify=tls, client=session, proxy=environment_proxy(url))
+
+
 @dataclass(frozen=True)
 class Reply:
     body: dict[str, Any]
@@ -92,11 +175,16 @@ class OpenAIClient:
         self.base_url = base.removesuffix("/v1")  # the contract is "without /v1"; tolerate the common slip
         self.endpoint = endpoint
         self.policy = policy or RetryPolicy()
-        self._timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
-        self._limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.concurrency = concurrency
+        timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
+        self._extensions = {"timeout": timeout.as_dict()}
+        self._headers = httpx.Headers({"accept": "application/json", "accept-encoding": "gzip, deflate",
+                                       "content-type": "application/json", "user-agent": f"pytest-day0/{__version__}",
+                                       **endpoint.headers()})
+        self._urls: dict[str, httpx.URL] = {}
         self._sem = asyncio.Semaphore(concurrency)
         self._rng = random.Random(self.policy.seed)
-        self._http: httpx.AsyncClient | None = None
+        self._http: ScorerTransport | None = None
         self.requests_sent = 0
         self.retries = 0
         # None until learnt: whether the server accepts max_tokens=0 for echo scoring
@@ -104,10 +192,7 @@ class OpenAIClient:
         self._probe = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.endpoint.headers(), timeout=self._timeout, limits=self._limits,
-            transport=transport_for(self.base_url, self._limits.max_connections or 1),
-        )
+        self._http = scorer_transport(self.base_url, self.concurrency)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -128,7 +213,7 @@ class OpenAIClient:
             try:
                 async with self._sem:
                     self.requests_sent += 1
-                    resp = await self._http.post(path, json=body)
+                    resp = await self._http.handle_async_request(self._request(path, body))
             except httpx.TimeoutException as exc:
                 why = f"timed out ({type(exc).__name__})"
             except httpx.TransportError as exc:
@@ -153,6 +238,14 @@ class OpenAIClient:
                 )
             self.retries += 1
             await asyncio.sleep(backoff_delay(self.policy, attempts - 1, self._rng, retry_after))
+
+    def _request(self, path: str, body: dict[str, Any]) -> httpx.Request:
+        """What ``AsyncClient.post(path, json=body)`` builds, less its merging: the URL of each path parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return httpx.Request("POST", url, headers=self._headers, content=content, extensions=self._extensions)
 
     def _redact(self, text: str) -> str:
         """Servers echo a rejected key in their error body ("Incorrect API key provided: ..."); our message
