@@ -30,6 +30,7 @@ from filelock import FileLock
 pytest_plugins = ["pytester"]
 
 REFERENCE_MODULE = "pytest_day0.serving.reference_server"
+DEMO_SIZES = {"arc_like": 500, "gsm_like": 1000, "tau_like": 500}  # the demo's tasks
 COMMON = ("-p", "no:cacheprovider", "--day0-model=demo", "--day0-limit=40", "--day0-calib-size=16",
           "--day0-stat=point")
 USER_TESTS = '''
@@ -452,8 +453,9 @@ def test_two_recipes_recommend_the_smallest_accepted(pytester: pytest.Pytester, 
 
 
 def _adaptive_stops_a_broken_candidate_early(pytester: pytest.Pytester, shared_ws: Path, heavy: Path) -> None:
-    """--day0-adaptive on a broken candidate: the floor breach ends its evaluation after one round of 64 of 300
-    items, and the tasks it had not started yet are never evaluated (they skip with the breach's class)."""
+    """--day0-adaptive on a broken candidate: the floor breach ends its evaluation after one round of 64 items
+    (of the task's 500 or 1,000), and the tasks it had not started yet are never evaluated (they skip with the
+    breach's class)."""
     args = ("-p", "no:cacheprovider", "--day0-model=demo", "--day0-calib-size=16", "--recipe=fp8",
             f"--day0-workdir={shared_ws}", "--day0-quantize=existing", f"--day0-checkpoint={heavy}",
             "--day0-adaptive")
@@ -467,7 +469,7 @@ def _adaptive_stops_a_broken_candidate_early(pytester: pytest.Pytester, shared_w
     assert [e for e in rounds if e["task"] == task] == breached  # one round, then it stopped
     floor = run.junit[f"test_floor[fp8-{task}]"]
     assert floor.outcome == "failure" and floor.message.startswith("[CATASTROPHIC_REGRESSION]")
-    assert floor.props["evaluated"] == "64" and floor.props["task_size"] == "300"
+    assert floor.props["evaluated"] == "64" and floor.props["task_size"] == str(DEMO_SIZES[task])
     later = [t for t in ("arc_like", "gsm_like", "tau_like") if not any(e["task"] == t for e in rounds)]
     for t in later:  # not started when the floor broke: not evaluated on the candidate at all
         case = run.junit[f"test_eval_complete[fp8-{t}]"]
@@ -475,7 +477,7 @@ def _adaptive_stops_a_broken_candidate_early(pytester: pytest.Pytester, shared_w
     verdict = run.verdict(shared_ws)
     assert _decisions(verdict) == {"fp8": "REGRESSION"}
     evaluated = {e["task"]: e["n"] for e in rounds}  # the last round of each task
-    assert sum(evaluated.values()) <= 600 and all(evaluated.get(t, 0) == 0 for t in later)  # of 900 at fixed n
+    assert sum(evaluated.values()) <= 600 and all(evaluated.get(t, 0) == 0 for t in later)  # of 2,000 at fixed n
 
 
 def test_quality_warn_tier_and_floor(torch_imported: None, pytester: pytest.Pytester, shared_ws: Path) -> None:

@@ -79,7 +79,8 @@ def make_placement(config: RunConfig, ws: Workspace, session_id: str, owner_pid:
 
 
 def divergence_applies(config: RunConfig) -> bool:
-    """The divergence pre-check runs when both sides are served (not lm-eval folders) and it is on."""
+    """The divergence pre-check runs when it is on and the scorer evaluates: its texts are the scorer's task samples
+    (lm-eval's tasks, in the session or as folders, have none here)."""
     return config.eval != "lm-eval" and config.divergence_texts > 0
 
 
