@@ -23,10 +23,11 @@ REGRESSION   CATASTROPHIC_REGRESSION, REGRESSION,                   a measured, 
              VERBOSITY_EXCEEDED, SIZE_NOT_REDUCED,                  candidate: worse scores, longer answers, no
              METADATA_MISMATCH                                      size gain (the only reason to quantize), or a
              (the divergence pre-check: CATASTROPHIC_REGRESSION     tokenizer / chat template / generation config
-             when top-1 agreement is below its floor, REGRESSION    unlike the source's (users would get another
-             warn above its KL tolerance)                           model), or next-token distributions far from
-                                                                    the baseline's. Not INFEASIBLE: another export
-                                                                    of the same recipe may pass.
+             when top-1 agreement is below its floor; its warn,     unlike the source's (users would get another
+             KL above the tolerance, is advisory: a reason line     model), or next-token distributions so far
+             that decides nothing — the evaluation measures what    from the baseline's that the candidate is
+             the screen only predicts)                              broken. Not INFEASIBLE: another export of
+                                                                    the same recipe may pass.
 INCONCLUSIVE INCONCLUSIVE (a quality interval straddles the         measured, but too few samples to tell a drop
              threshold; a published-baseline interval straddles     within the threshold from one beyond it. Below
              the tolerance)                                         REGRESSION: evidence of a defect on another
@@ -165,6 +166,8 @@ def decide(
             verb = {"failed": "failed", "warned": "warned", "skipped": "skipped"}[o.status]
             reasons.append(f"[{cls}] {_label(o)} {verb}: {o.message}".rstrip(": "))
         seen_causes.add((cls, cause))
+        if o.gate == "divergence" and o.status == "warned":
+            continue  # a screen's prediction (KL above a tolerance): said, never decided on; the evaluation decides
         if cls is None:
             d: ReleaseDecision = "ANOMALOUS"
             classes.add(FailureClass.INCONCLUSIVE)

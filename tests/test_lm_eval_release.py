@@ -154,13 +154,11 @@ def test_lm_eval_engine_agrees_with_the_scorer_on_every_document(pytester: pytes
     # betting interval reads the items in a keyed-hash order of their ids, and the engines name them differently
     # ("arc_like-0001" / "1"): two valid intervals, not the same digits (with no disagreement, as above, they are).
     assert without_bounds(table(lm_dv)) == without_bounds(table(scored_dv)), (table(lm_dv), table(scored_dv))
-    # The verdicts differ by one gate: the divergence pre-check runs with the scorer only (its texts are the
-    # scorer's task samples), and on this damage it warns (REGRESSION); lm-eval's session has no such gate.
-    assert decisions(lm_dv) == {"fp8": "INCONCLUSIVE"}, lm_d.stdout.str()[-3000:]
+    # The same verdict. The divergence pre-check runs with the scorer only (its texts are the scorer's task
+    # samples) and warns on this damage, but a warn is a reason line, never the decision: the evaluation decides.
+    assert decisions(lm_dv) == decisions(scored_dv) == {"fp8": "INCONCLUSIVE"}, lm_d.stdout.str()[-3000:]
     (scored_only,) = scored_dv["session"]["verdicts"]
-    regressions = [r for r in scored_only["reasons"] if r.startswith("[REGRESSION]")]
-    assert scored_only["decision"] == "REGRESSION" and scored_only["regressed_tasks"] == [], scored_only
-    assert regressions and all(r.startswith("[REGRESSION] divergence") for r in regressions), regressions
+    assert any(r.startswith("[REGRESSION] divergence warned") for r in scored_only["reasons"]), scored_only
     assert scored_d.ret == lm_d.ret
     values = {"quantize": "existing", "checkpoint": str(damaged), "recipe": "fp8"}
     changed = 0

@@ -267,6 +267,14 @@ def test_divergence_precheck_names_itself_and_claims_no_task() -> None:
     assert v.decision == "REGRESSION" and v.exit_status == 1
     assert v.regressed_tasks == []
     assert v.recommendation == "do not publish fp8: divergence failed (CATASTROPHIC_REGRESSION)"
-    warned = decide("fp8", [*passed(), bad(FailureClass.REGRESSION, "warned", "divergence", tier=Tier.WARN)], 0.5)
-    assert warned.decision == "REGRESSION" and warned.exit_status == 0
-    assert warned.recommendation == "do not publish fp8: divergence warned (REGRESSION)"
+    # its warn (KL above the tolerance) is a reason line that decides nothing: the evaluation decides (a screen's
+    # prediction must not overrule the measurement, nor stand in for a missing one)
+    warn = bad(FailureClass.REGRESSION, "warned", "divergence", tier=Tier.WARN)
+    warned = decide("fp8", [*passed(), warn], 0.5)
+    assert warned.decision == "ACCEPT" and warned.exit_status == 0
+    assert any(r.startswith("[REGRESSION] divergence") for r in warned.reasons)
+    undecided = decide("fp8", [*passed(), warn, bad(FailureClass.INCONCLUSIVE, "warned", "quality", task="gsm_like",
+                                                     tier=Tier.WARN)], 0.5)
+    assert undecided.decision == "INCONCLUSIVE"
+    alone = decide("fp8", [GateOutcome(gate="ptq.size", recipe="fp8", status="passed"), warn], 0.5)
+    assert alone.decision == "ANOMALOUS"  # nothing compared: no evidence of quality either way
