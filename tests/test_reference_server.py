@@ -321,6 +321,46 @@ def test_external_endpoint_discovers_model(server: ServerHandle) -> None:
 # ---------------------------------------------------------------- lifecycle
 
 
+def test_two_servers_of_one_name_in_one_folder_each_report_their_own_port(checkpoint: Path, tmp_path: Path) -> None:
+    """Two sessions sharing a workspace serve the same side ("fp8") at once: each start must return the URL of the
+    server it launched (one shared ready file once gave the second session the first one's port, and it measured
+    another checkpoint)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        handles = list(pool.map(lambda _: start_reference_server(checkpoint, "fp8", tmp_path, timeout_s=120), (0, 1)))
+    try:
+        assert handles[0].url != handles[1].url
+        assert len(list(tmp_path.glob("server-fp8.*.ready.json"))) == 2
+        for handle in handles:  # the port each URL names is held by that handle's own process
+            port = handle.url.rsplit(":", 1)[1]
+            holders = {p for p in _listening_pids(int(port))}
+            assert handle.pid in holders, (handle.url, handle.pid, holders)
+    finally:
+        for handle in handles:
+            handle.stop()
+
+
+def _listening_pids(port: int) -> set[int]:
+    """Processes with a listening TCP socket on ``port`` (from /proc: the socket inode, then each process's fds)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(fields[9])
+    pids = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            targets = {os.readlink(fd) for fd in fd_dir.iterdir()}
+        except OSError:
+            continue
+        if any(f"socket:[{i}]" in targets for i in inodes):
+            pids.add(int(fd_dir.parent.name))
+    return pids
+
+
 def test_stop_leaves_no_process(checkpoint: Path, tmp_path: Path) -> None:
     with start_reference_server(checkpoint, "second/copy:1", tmp_path) as handle:
         pid = handle.pid

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -223,8 +224,9 @@ def start_reference_server(
     workdir.mkdir(parents=True, exist_ok=True)
     stem = safe_name(name)
     log_path = workdir / f"server-{stem}.log"
-    ready_file = workdir / f"server-{stem}.ready.json"
-    ready_file.unlink(missing_ok=True)  # a stale one would point at a dead server
+    # One ready file per launch: two sessions sharing a workspace serve the same side name at once, and a shared
+    # file let one session read the other's port and measure the other's checkpoint.
+    ready_file = workdir / f"server-{stem}.{os.getpid()}-{secrets.token_hex(4)}.ready.json"
 
     cmd = [sys.executable, "-m", REFERENCE_MODULE, "--checkpoint", str(checkpoint), "--served-model-name", name,
            "--host", host, "--port", str(port), "--ready-file", str(ready_file)]
