@@ -13,6 +13,7 @@ and is saved to the extent of its text, so no label is cut.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,9 +220,18 @@ def _render(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+_SVG_MEMO: dict[str, str] = {}
+
+
 def delta_svg(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
               failed_recipes: Mapping[str, str] | None = None) -> str:
-    return _render(delta_figure(comparisons, title, failed_recipes=failed_recipes), "svg").decode()
+    """Memoized per process: the end of a session draws the same plot for delta.svg, report.html and each
+    recipe's page (matplotlib takes 0.3-1 s a figure; the bench of a one-recipe session measured it)."""
+    key = json.dumps([[c.model_dump(mode="json") for c in comparisons], title, dict(failed_recipes or {})],
+                     sort_keys=True, default=str)
+    if key not in _SVG_MEMO:
+        _SVG_MEMO[key] = _render(delta_figure(comparisons, title, failed_recipes=failed_recipes), "svg").decode()
+    return _SVG_MEMO[key]
 
 
 def delta_png(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
