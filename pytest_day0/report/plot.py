@@ -12,6 +12,7 @@ and is saved to the extent of its text, so no label is cut.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -220,18 +221,19 @@ def _render(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-_SVG_MEMO: dict[str, str] = {}
-
-
 def delta_svg(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
               failed_recipes: Mapping[str, str] | None = None) -> str:
     """Memoized per process: the end of a session draws the same plot for delta.svg, report.html and each
     recipe's page (matplotlib takes 0.3-1 s a figure; the bench of a one-recipe session measured it)."""
-    key = json.dumps([[c.model_dump(mode="json") for c in comparisons], title, dict(failed_recipes or {})],
-                     sort_keys=True, default=str)
-    if key not in _SVG_MEMO:
-        _SVG_MEMO[key] = _render(delta_figure(comparisons, title, failed_recipes=failed_recipes), "svg").decode()
-    return _SVG_MEMO[key]
+    return _svg_of(json.dumps([[c.model_dump(mode="json") for c in comparisons], title, dict(failed_recipes or {})],
+                              sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _svg_of(key: str) -> str:
+    rows, title, failed = json.loads(key)
+    comparisons = [TaskComparison.model_validate(row) for row in rows]
+    return _render(delta_figure(comparisons, title, failed_recipes=failed), "svg").decode()
 
 
 def delta_png(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
