@@ -108,29 +108,25 @@ def max_log_capital(x: Array, m: float, side: Side, bets: Array, cap: float = BE
 
 
 def _bound(x: Array, bets: Array, alpha: float, side: Side, cap: float) -> float:
-    """The end of the one-sided set {m : sup_t K_t(m) < 1/alpha} (1-D x), by bisection on its monotone edge."""
+    """The end of the one-sided set {m : sup_t K_t(m) < 1/alpha} (1-D x), by bisection on its monotone edge.
+
+    K+ is nonincreasing in m, so the rejected m form [0, L); K- is nondecreasing, so they form (U, 1]. Either way
+    the bisection keeps one end rejected and the other not, and returns the end that is not."""
     level = log_threshold(alpha)
-    if side > 0:  # K+ is nonincreasing in m: rejected m form [0, L); find L
-        lo, hi = 0.0, 1.0
-        if float(max_log_capital(x, lo, side, bets, cap)) < level:
-            return 0.0
-        while hi - lo > BISECTION_TOL:
-            mid = (lo + hi) / 2
-            if float(max_log_capital(x, mid, side, bets, cap)) >= level:
-                lo = mid
-            else:
-                hi = mid
-        return hi
-    lo, hi = 0.0, 1.0  # K- is nondecreasing in m: rejected m form (U, 1]; find U
-    if float(max_log_capital(x, hi, side, bets, cap)) < level:
-        return 1.0
-    while hi - lo > BISECTION_TOL:
-        mid = (lo + hi) / 2
-        if float(max_log_capital(x, mid, side, bets, cap)) >= level:
-            hi = mid
+
+    def rejected(m: float) -> bool:
+        return float(max_log_capital(x, m, side, bets, cap)) >= level
+
+    rejected_end, kept_end = (0.0, 1.0) if side > 0 else (1.0, 0.0)
+    if not rejected(rejected_end):
+        return rejected_end
+    while abs(kept_end - rejected_end) > BISECTION_TOL:
+        mid = (rejected_end + kept_end) / 2
+        if rejected(mid):
+            rejected_end = mid
         else:
-            lo = mid
-    return lo
+            kept_end = mid
+    return kept_end
 
 
 def lower_bound(x: Array, bets: Array, alpha: float, cap: float = BET_CAP) -> float:
