@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 src=${1:?an fp8 export of the demo}
 out=$(mktemp -d)
+child=""
 trap 'rm -rf "$out"' EXIT
+# SIGTERM/SIGINT reach the session too (it stops its servers), then the script ends: nothing is left running
+trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi; exit 143' TERM INT
 damage() {  # damage NAME TENSOR FACTOR
   cp -r "$src" "$out/$1"
   "$PY" -c "import sys; from safetensors.torch import load_file, save_file
@@ -24,7 +27,10 @@ for ck in "$src" "$out/moderate" "$out/heavy"; do
     start=$(date +%s.%N)
     rc=0
     "$PY" -m pytest -p no:cacheprovider -q --day0-model demo --recipe fp8 --day0-quantize=existing \
-      "--day0-checkpoint=$ck" "--day0-workdir=$ws" "${flag[@]}" > "$ws.log" 2>&1 || rc=$?
+      "--day0-checkpoint=$ck" "--day0-workdir=$ws" "${flag[@]}" > "$ws.log" 2>&1 &
+    child=$!
+    wait "$child" || rc=$?
+    child=""
     wall=$(echo "$(date +%s.%N) - $start" | bc)
     items=$("$PY" -c "import sys, pathlib
 n = {}
