@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,8 +279,17 @@ def _chain(request: pytest.FixtureRequest) -> Any:
     state = _state(request)
     if state.chain is None:
         state.chain = ReleaseChain(state.config, state.session_id, progress=_progress_writer(request.config),
-                                   owner_pid=state.owner_pid)
+                                   owner_pid=state.owner_pid, while_waiting=_report_prewarm(state))
     return state.chain
+
+
+def _report_prewarm(state: SessionState) -> Callable[[], None] | None:
+    """The process that writes the reports (the controller) warms up its plotting while stages wait on children."""
+    if not state.controller:
+        return None
+    from pytest_day0.report.plot import prewarm
+
+    return prewarm
 
 
 @pytest.fixture(scope="session")

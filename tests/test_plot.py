@@ -220,3 +220,39 @@ def test_matplotlib_is_imported_only_when_a_plot_is_drawn() -> None:
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_workspace_cache_serves_a_plot_drawn_before_and_redraws_what_changed(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "plots"
+    rows = [comp("ok", [1.0] * 400, [1.0] * 400)]
+    first = delta_svg(rows, cache_dir=cache)
+    assert first == delta_svg(rows)  # the same bytes as a plot drawn without the cache
+    (cached,) = cache.glob("*.svg")
+    cached.write_text(first.replace("</svg>", "<!-- served from the cache --></svg>"), encoding="utf-8")
+    assert "served from the cache" in delta_svg(rows, cache_dir=cache)  # read back, not redrawn
+    other = [comp("ok", [1.0] * 400, [0.0] * 8 + [1.0] * 392)]
+    assert "served from the cache" not in delta_svg(other, cache_dir=cache)  # other comparisons: another file
+    assert len(list(cache.glob("*.svg"))) == 2
+    cached.write_text(first[: len(first) // 2], encoding="utf-8")  # a torn file is redrawn, never served
+    assert delta_svg(rows, cache_dir=cache) == first
+
+
+def test_a_rerun_of_a_finished_session_reads_its_plots_without_importing_matplotlib(tmp_path: Path) -> None:
+    rows = [comp("ok", [1.0] * 400, [1.0] * 400)]
+    cache = tmp_path / "plots"
+    delta_svg(rows, cache_dir=cache)
+    code = ("import sys, json; from pytest_day0.report.plot import delta_svg; "
+            "from pytest_day0.gates.compare import TaskComparison; "
+            f"rows = [TaskComparison.model_validate_json({rows[0].model_dump_json()!r})]; "
+            f"svg = delta_svg(rows, cache_dir=__import__('pathlib').Path({str(cache)!r})); "
+            "print(svg.rstrip().endswith('</svg>'), 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
+def test_prewarm_loads_matplotlib_in_the_background_once() -> None:
+    code = ("import sys, threading; from pytest_day0.report.plot import prewarm; prewarm(); prewarm(); "
+            "warmers = [t for t in threading.enumerate() if t.name == 'day0-plot-prewarm']; "
+            "[t.join(60) for t in warmers]; print(len(warmers), 'matplotlib.figure' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["1", "True"]

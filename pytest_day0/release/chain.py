@@ -86,7 +86,7 @@ def divergence_applies(config: RunConfig) -> bool:
 
 class ReleaseChain:
     def __init__(self, config: RunConfig, session_id: str, progress: Progress | None = None,
-                 owner_pid: int | None = None) -> None:
+                 owner_pid: int | None = None, while_waiting: Callable[[], None] | None = None) -> None:
         self.config = config
         self.session_id = session_id
         # The process that lives as long as the session (the xdist controller): while it lives, the servers
@@ -96,6 +96,8 @@ class ReleaseChain:
         self.progress: Progress = progress or (lambda _line: None)
         self.runner = StageRunner(self.ws, session_id, fresh=config.fresh, progress=self.progress)
         self._placement: Placement | None = None
+        # work for this process to do while a stage waits on a child (the controller warms up its report plot)
+        self.while_waiting: Callable[[], None] = while_waiting or (lambda: None)
 
     @property
     def placement(self) -> Placement:
@@ -193,6 +195,7 @@ class ReleaseChain:
                 self.progress("    " + line)
 
         def build() -> QuantizeResult:
+            self.while_waiting()
             try:
                 result = self.placement.quantize(QuantizeJob(
                     recipe_obj, self.source(), self.source_key(), key, CALIBRATION_TEXT, c.calib_size,
@@ -313,6 +316,7 @@ class ReleaseChain:
                 self.placement.stop([known])
                 registry.unlink(missing_ok=True)
             self._reap_abandoned(side_key)
+            self.while_waiting()
             self.ws.event("server_start", side=side, session=self.session_id)
             record = self._timed(f"serve {side}", lambda: self.placement.serve(ServeJob(
                 side, checkpoint, side_key, c.stage_timeout, c.serve, c, self.progress)))

@@ -47,9 +47,11 @@ def head_decision(session: SessionVerdict) -> str:
     return max((v.decision for v in session.verdicts), key=DECISION_ORDER.index, default="ANOMALOUS")
 
 
-def plot_data_uri(comparisons: Sequence[TaskComparison]) -> str:
+def plot_data_uri(comparisons: Sequence[TaskComparison], *, failed_recipes: Mapping[str, str] | None = None,
+                  cache_dir: Path | None = None) -> str:
     """delta.svg as an ``<img>`` source: isolated from the page's markup whatever the plotting code emits."""
-    return "data:image/svg+xml;base64," + base64.b64encode(delta_svg(comparisons).encode("utf-8")).decode("ascii")
+    svg = delta_svg(comparisons, failed_recipes=failed_recipes, cache_dir=cache_dir)
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
 
 
 def _flips_text(c: TaskComparison) -> str:
@@ -73,7 +75,8 @@ def task_rows(comparisons: Sequence[TaskComparison]) -> list[dict[str, str]]:
     return rows
 
 
-def recipe_sections(session: SessionVerdict, comparisons: Sequence[TaskComparison]) -> list[dict[str, Any]]:
+def recipe_sections(session: SessionVerdict, comparisons: Sequence[TaskComparison], *,
+                    plot_cache: Path | None = None) -> list[dict[str, Any]]:
     """One section per decided recipe, then any recipe compared but never decided (its numbers still show)."""
     decided = {v.recipe for v in session.verdicts}
     orphans = sorted({c.recipe for c in comparisons if c.recipe and c.recipe not in decided})
@@ -81,7 +84,7 @@ def recipe_sections(session: SessionVerdict, comparisons: Sequence[TaskCompariso
     for recipe, verdict in [*((v.recipe, v) for v in session.verdicts), *((r, None) for r in orphans)]:
         mine = [c for c in comparisons if c.recipe in (recipe, None)]
         sections.append({"recipe": recipe, "verdict": verdict, "rows": task_rows(mine),
-                         "plot": plot_data_uri(mine) if mine else None})
+                         "plot": plot_data_uri(mine, cache_dir=plot_cache) if mine else None})
     return sections
 
 
@@ -152,6 +155,7 @@ def render_report(
     model: str | None = None,
     links: Mapping[str, str] | None = None,
     generated: datetime | None = None,
+    plot_cache: Path | None = None,
 ) -> str:
     """The page as text; ``links`` are extra lines for the header (name -> text, e.g. MLflow run ids)."""
     from pytest_day0 import __version__
@@ -167,7 +171,7 @@ def render_report(
         head=head_decision(session),
         session=session,
         verdicts=list(session.verdicts),
-        sections=recipe_sections(session, comparisons),
+        sections=recipe_sections(session, comparisons, plot_cache=plot_cache),
         outcomes=list(outcomes),
         config=config_rows(public_config),
         links=dict(links or {}),

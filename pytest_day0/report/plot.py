@@ -13,13 +13,17 @@ and is saved to the extent of its text, so no label is cut.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import io
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_day0.failures import Day0Error
 from pytest_day0.gates.compare import TaskComparison, comparison_decision, format_score
 from pytest_day0.workspace import atomic_write_text
 
@@ -221,12 +225,69 @@ def _render(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+PLOT_CACHE_KEEP = 64  # files in a workspace's plot cache: every plot of the last few sessions, a few MB at most
+
+
 def delta_svg(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
-              failed_recipes: Mapping[str, str] | None = None) -> str:
-    """Memoized per process: the end of a session draws the same plot for delta.svg, report.html and each
-    recipe's page (matplotlib takes 0.3-1 s a figure; the bench of a one-recipe session measured it)."""
-    return _svg_of(json.dumps([[c.model_dump(mode="json") for c in comparisons], title, dict(failed_recipes or {})],
-                              sort_keys=True))
+              failed_recipes: Mapping[str, str] | None = None, cache_dir: Path | None = None) -> str:
+    """Memoized per process (the end of a session draws the same plot for delta.svg, report.html and each
+    recipe's page) and, with ``cache_dir``, across sessions: a re-run of a finished session has the same
+    comparisons, and matplotlib's import and drawing (1-2 s, bench/bench_session.py) were most of its time."""
+    key = json.dumps([[c.model_dump(mode="json") for c in comparisons], title, dict(failed_recipes or {})],
+                     sort_keys=True)
+    if cache_dir is None:
+        return _svg_of(key)
+    path = cache_dir / f"{hashlib.sha256((_drawing_identity() + key).encode()).hexdigest()[:32]}.svg"
+    try:
+        cached = path.read_text(encoding="utf-8")
+        if cached.rstrip().endswith("</svg>"):
+            return cached
+    except OSError:
+        pass
+    svg = _svg_of(key)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, svg)
+        _prune(cache_dir, PLOT_CACHE_KEEP)
+    except (OSError, Day0Error):  # a cache that cannot be written costs a redraw next time, nothing else
+        pass
+    return svg
+
+
+@functools.cache
+def prewarm() -> None:
+    """Import matplotlib and load its fonts in a daemon thread, once per process. The chain calls it when it
+    starts a stage that waits on a child (PTQ, a server start), so the 1-2 s this costs (bench/bench_session.py)
+    is spent while the process idles, not after the last stage, when the reports are all that is left."""
+    threading.Thread(target=_warm_matplotlib, name="day0-plot-prewarm", daemon=True).start()
+
+
+def _warm_matplotlib() -> None:
+    try:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(1, 1))
+        fig.add_subplot().set_title("warm", fontsize=9)
+        _render(fig, "svg")
+    except Exception:  # a plot drawn later reports its own error; this only saves time
+        return
+
+
+@functools.lru_cache(maxsize=1)
+def _drawing_identity() -> str:
+    """Everything besides the comparisons that decides a plot's bytes: this module's code and the installed
+    matplotlib (its version read from metadata: importing it is what the cache saves)."""
+    try:
+        mpl = importlib.metadata.version("matplotlib")
+    except importlib.metadata.PackageNotFoundError:
+        mpl = "absent"
+    return hashlib.sha256(Path(__file__).read_bytes() + mpl.encode()).hexdigest()
+
+
+def _prune(cache_dir: Path, keep: int) -> None:
+    files = sorted(cache_dir.glob("*.svg"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -242,8 +303,8 @@ def delta_png(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
 
 
 def write_delta_svg(path: Path, comparisons: Sequence[TaskComparison], *,
-                    failed_recipes: Mapping[str, str] | None = None) -> Path:
-    atomic_write_text(path, delta_svg(comparisons, failed_recipes=failed_recipes))
+                    failed_recipes: Mapping[str, str] | None = None, cache_dir: Path | None = None) -> Path:
+    atomic_write_text(path, delta_svg(comparisons, failed_recipes=failed_recipes, cache_dir=cache_dir))
     return path
 
 

@@ -75,11 +75,14 @@ def finish(state: SessionState, config: pytest.Config) -> SessionVerdict:
     write_verdict_json(run_dir / "verdict.json", session, state.comparisons, extra)
     write_verdict_json(run.workdir / "verdict.json", session, state.comparisons, extra)
     failed = recipes_not_compared(session, state.comparisons)  # listed in the plot, not left out
-    state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons, failed_recipes=failed)
+    plot_cache = run.workdir / "cache" / "plots"  # a re-run of a finished session draws nothing
+    state.plot_path = write_delta_svg(run.workdir / "delta.svg", state.comparisons, failed_recipes=failed,
+                                      cache_dir=plot_cache)
     atomic_write_text(run_dir / "delta.svg", state.plot_path.read_text(encoding="utf-8"))  # drawn once
     page = html_report.render_report(
         session, state.comparisons, state.outcomes, details, public_config=run.public_dict(),
-        session_id=state.session_id, model=run.model, links={"mlflow": tracker.line()} if tracker else None)
+        session_id=state.session_id, model=run.model, links={"mlflow": tracker.line()} if tracker else None,
+        plot_cache=plot_cache)
     html_report.write_report(run_dir / "report.html", page)
     state.report_path = html_report.write_report(run.workdir / "report.html", page)
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -90,7 +93,8 @@ def finish(state: SessionState, config: pytest.Config) -> SessionVerdict:
         from pytest_day0.report import mlflow_log
 
         files = {r: mlflow_log.RecipeFiles(
-            plot=write_delta_svg(run_dir / "plots" / r / "delta.svg", [c for c in state.comparisons if c.recipe == r]),
+            plot=write_delta_svg(run_dir / "plots" / r / "delta.svg", [c for c in state.comparisons if c.recipe == r],
+                                 cache_dir=plot_cache),
             records={d.task: dict(d.records) for d in details if d.recipe == r}) for r in run.recipes}
         warning = mlflow_log.finish_runs(tracker, session, state.comparisons, public_config=run.public_dict(),
                                          session_files=[run_dir / "verdict.json", run_dir / "report.html",
