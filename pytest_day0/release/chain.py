@@ -189,13 +189,14 @@ class ReleaseChain:
         tail: list[str] = []
 
         def on_line(line: str) -> None:
+            if not tail:  # a child is running (a reused checkpoint prints nothing)
+                self.while_waiting()
             tail.append(line)
             del tail[:-20]
             if line.startswith("[day0]"):
                 self.progress("    " + line)
 
         def build() -> QuantizeResult:
-            self.while_waiting()
             try:
                 result = self.placement.quantize(QuantizeJob(
                     recipe_obj, self.source(), self.source_key(), key, CALIBRATION_TEXT, c.calib_size,
