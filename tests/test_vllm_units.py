@@ -4,10 +4,14 @@ refusals when the engine is not installed where we would launch it."""
 
 from __future__ import annotations
 
+import http.server
 import itertools
+import json
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -20,6 +24,7 @@ from pytest_day0.stages.serve_vllm import (
     build_vllm_command,
     classify_vllm_failure,
     root_cause,
+    serves_launch,
     start_vllm_server,
     vllm_quantization,
 )
@@ -133,3 +138,50 @@ def test_llmcompressor_recipes_and_refusals(tmp_path: Path) -> None:
                                python=sys.executable)
     assert err.value.failure_class is FailureClass.USER_CONFIG_ERROR
     assert not (tmp_path / "x").exists()
+
+
+def test_each_launch_serves_a_unique_alias_beside_the_name_unless_the_user_names_it() -> None:
+    cmd = build_vllm_command("python", Path("/c"), "fp8", 1, launch_alias="day0-launch-0123")
+    at = cmd.index("--served-model-name")
+    assert cmd[at + 1:at + 3] == ["fp8", "day0-launch-0123"] and cmd[at + 3].startswith("--")
+
+
+class _Models(http.server.BaseHTTPRequestHandler):
+    """A real server on 127.0.0.1 standing for whatever holds the port: healthy, serving the names it is given."""
+
+    names: ClassVar[list[str]] = []
+    body: ClassVar[bytes | None] = None
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            payload = b""
+        elif self.body is not None:
+            payload = self.body
+        else:
+            payload = json.dumps({"object": "list", "data": [{"id": n} for n in self.names]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("names", "body", "ours"), [
+    (["fp8", "day0-launch-mine"], None, True),
+    (["fp8", "day0-launch-someone-else"], None, False),  # another session's vLLM took the port first
+    (["fp8"], None, False),  # any other server, same served name
+    ([], b"<html>not json</html>", False),
+])
+def test_the_health_poll_accepts_only_the_server_this_launch_started(names: list[str], body: bytes | None,
+                                                                   ours: bool) -> None:
+    handler = type("Handler", (_Models,), {"names": names, "body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert serves_launch(f"http://127.0.0.1:{server.server_address[1]}", "day0-launch-mine") is ours
+    finally:
+        server.shutdown()
+        server.server_close()

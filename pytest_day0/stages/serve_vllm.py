@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import socket
 import subprocess
@@ -81,10 +82,13 @@ def build_vllm_command(
     dtype: str = "auto",
     enforce_eager: bool = True,
     extra_args: Sequence[str] = (),
+    launch_alias: str | None = None,
 ) -> list[str]:
     """The api_server command line. ``extra_args`` come last, so a user's flag overrides ours (argparse keeps
-    the last occurrence)."""
-    cmd = [python, "-m", VLLM_MODULE, "--model", str(checkpoint), "--served-model-name", name,
+    the last occurrence). ``launch_alias`` is a second served name, unique to this launch: /v1/models lists it,
+    so the health poll can tell our server from another process's that took the port first."""
+    names = [name, launch_alias] if launch_alias else [name]
+    cmd = [python, "-m", VLLM_MODULE, "--model", str(checkpoint), "--served-model-name", *names,
            "--host", HOST, "--port", str(port), "--dtype", dtype, "--tensor-parallel-size", str(tensor_parallel)]
     if quantization:
         cmd += ["--quantization", quantization]
@@ -195,6 +199,22 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _names_served(extra_args: Sequence[str]) -> bool:
+    return any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in extra_args)
+
+
+def serves_launch(url: str, launch_alias: str) -> bool:
+    """Whether the server at ``url`` is the one we launched: its /v1/models lists this launch's alias. Between
+    free_port() and vLLM's bind (after loading the model: seconds to minutes) another process may take the port;
+    its server answers /health as well as ours would, and evaluating it would score the wrong model."""
+    try:
+        body = httpx.get(f"{url}/v1/models", timeout=5.0).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    models = body.get("data") if isinstance(body, dict) else None
+    return isinstance(models, list) and any(isinstance(m, dict) and m.get("id") == launch_alias for m in models)
+
+
 def _has_cuda() -> bool:
     return Path("/dev/nvidiactl").exists()
 
@@ -226,9 +246,11 @@ def start_vllm_server(
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_GIB)
     deadline = time.monotonic() + timeout_s
     for attempt in (1, 2):  # a port taken between free_port() and vLLM's bind is retried once
+        # a user's own --served-model-name replaces ours (argparse keeps the last): then only /health is checked
+        launch_alias = None if _names_served(extra_args) else f"day0-launch-{secrets.token_hex(8)}"
         cmd = build_vllm_command(python, checkpoint, name, free_port(), quantization=vllm_quantization(declaration),
                                  max_model_len=max_model_len, tensor_parallel=tensor_parallel, dtype=dtype,
-                                 enforce_eager=not _has_cuda(), extra_args=extra_args)
+                                 enforce_eager=not _has_cuda(), extra_args=extra_args, launch_alias=launch_alias)
         url = f"http://{HOST}:{cmd[cmd.index('--port') + 1]}"
         log_file = log_path.open("ab")
         log_file.write(f"$ {shlex.join(cmd)}\n".encode())
@@ -242,7 +264,7 @@ def start_vllm_server(
             raise Day0Error(FailureClass.DEPLOYMENT_HEALTH_FAILED, f"cannot start vLLM with {python}: {exc}") from None
         try:
             while time.monotonic() < deadline and process.poll() is None:
-                if _healthy(url):
+                if _healthy(url) and (launch_alias is None or serves_launch(url, launch_alias)):
                     return ServerHandle(url, name, "vllm", process, log_path, None, log_file)
                 time.sleep(0.5)
         except BaseException:  # Ctrl-C / SIGTERM during start-up: no handle exists yet to stop it later
