@@ -200,8 +200,7 @@ def delta_figure(comparisons: Sequence[TaskComparison], title: str = TITLE, *,
     # labels took, so the plotting area is WIDTH_IN whatever the names' lengths, then space the x ticks on it
     fig.draw_without_rendering()
     fig.set_size_inches(fig.get_figwidth() + WIDTH_IN - ax.get_window_extent().width / fig.dpi, fig.get_figheight())
-    fig.draw_without_rendering()
-    width_in = ax.get_window_extent().width / fig.dpi
+    width_in = WIDTH_IN  # what the resize gives (a second layout pass to measure it cost a third of the plot)
     s_lo, s_hi = scale.transform([lo, hi])
 
     def to_inches(v: float) -> float:
