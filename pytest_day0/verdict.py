@@ -166,7 +166,7 @@ def decide(
             verb = {"failed": "failed", "warned": "warned", "skipped": "skipped"}[o.status]
             reasons.append(f"[{cls}] {_label(o)} {verb}: {o.message}".rstrip(": "))
         seen_causes.add((cls, cause))
-        if o.gate == "divergence" and o.status == "warned":
+        if o.advisory:
             continue  # a screen's prediction (KL above a tolerance): said, never decided on; the evaluation decides
         if cls is None:
             d: ReleaseDecision = "ANOMALOUS"

@@ -269,7 +269,7 @@ def test_divergence_precheck_names_itself_and_claims_no_task() -> None:
     assert v.recommendation == "do not publish fp8: divergence failed (CATASTROPHIC_REGRESSION)"
     # its warn (KL above the tolerance) is a reason line that decides nothing: the evaluation decides (a screen's
     # prediction must not overrule the measurement, nor stand in for a missing one)
-    warn = bad(FailureClass.REGRESSION, "warned", "divergence", tier=Tier.WARN)
+    warn = bad(FailureClass.REGRESSION, "warned", "divergence", tier=Tier.WARN, advisory=True)
     warned = decide("fp8", [*passed(), warn], 0.5)
     assert warned.decision == "ACCEPT" and warned.exit_status == 0
     assert any(r.startswith("[REGRESSION] divergence") for r in warned.reasons)
@@ -278,3 +278,5 @@ def test_divergence_precheck_names_itself_and_claims_no_task() -> None:
     assert undecided.decision == "INCONCLUSIVE"
     alone = decide("fp8", [GateOutcome(gate="ptq.size", recipe="fp8", status="passed"), warn], 0.5)
     assert alone.decision == "ANOMALOUS"  # nothing compared: no evidence of quality either way
+    # the same breach not marked advisory (``--day0-warn-as-error`` makes the pre-check's warn a failure) decides
+    assert decide("fp8", [*passed(), warn.model_copy(update={"advisory": False})], 0.5).decision == "REGRESSION"

@@ -24,6 +24,8 @@ class GateOutcome(BaseModel):
     message: str = ""
     numbers: dict[str, float | int | str | None] = Field(default_factory=dict)
     nodeid: str | None = None
+    # a screen's prediction (e.g. the divergence pre-check's KL above a tolerance): in the reasons, never a decision
+    advisory: bool = False
 
 
 def breach_status(passed: bool, tier: Tier, *, warn_as_error: bool = False, skipped: bool = False) -> Status:
