@@ -194,7 +194,11 @@ def decide(
                        "skipped for the same reason")
     if decision == "ACCEPT" and not any(o.gate in COMPARISON_GATES and o.status == "passed" for o in mine):
         decision = "ANOMALOUS"
-        reasons.append(f"[{FailureClass.INCONCLUSIVE}] no task comparison passed or ran: nothing shows the quality")
+        if any(o.gate in COMPARISON_GATES for o in mine):
+            reasons.append(f"[{FailureClass.INCONCLUSIVE}] no task comparison passed: nothing shows the quality")
+        else:  # every comparison gate leaves an outcome, even skipped: none at all means none was selected
+            reasons.append(f"[{FailureClass.INCONCLUSIVE}] no task comparison was in this session (deselected with "
+                           "-k/-m or node ids?): nothing shows the quality")
         classes.add(FailureClass.INCONCLUSIVE)
 
     size = _size_text(size_ratio, source_label)

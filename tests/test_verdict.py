@@ -280,3 +280,16 @@ def test_divergence_precheck_names_itself_and_claims_no_task() -> None:
     assert alone.decision == "ANOMALOUS"  # nothing compared: no evidence of quality either way
     # the same breach not marked advisory (``--day0-warn-as-error`` makes the pre-check's warn a failure) decides
     assert decide("fp8", [*passed(), warn.model_copy(update={"advisory": False})], 0.5).decision == "REGRESSION"
+
+
+def test_a_session_without_comparison_gates_says_so_instead_of_blaming_a_stage() -> None:
+    """`-k test_ptq`: every gate that ran passed, but nothing measured quality; the reason must not claim a failure."""
+    ptq_only = [GateOutcome(gate=g, recipe="fp8", status="passed") for g in ("ptq.size", "ptq.coverage")]
+    v = decide("fp8", ptq_only, 0.56)
+    assert v.decision == "ANOMALOUS" and v.exit_status == 0  # nothing failed; nothing to publish on either
+    assert v.reasons == ["[INCONCLUSIVE] no task comparison was in this session (deselected with -k/-m or node "
+                         "ids?): nothing shows the quality"]
+    skipped = decide("fp8", [*ptq_only, GateOutcome(gate="floor", recipe="fp8", task="gsm_like", status="skipped")],
+                     0.56)
+    assert skipped.decision == "ANOMALOUS"
+    assert not any("was in this session" in r for r in skipped.reasons)

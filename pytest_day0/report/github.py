@@ -115,7 +115,7 @@ def step_summary_markdown(
     for v in session.verdicts:
         mine = [c for c in comparisons if c.recipe in (v.recipe, None)]
         lines += ["", f"### {escape_cell(v.recipe)} — {v.decision}", ""]
-        lines += _table(header, _task_rows(mine)) if mine else ["_no task was compared (an upstream stage failed)_"]
+        lines += _table(header, _task_rows(mine)) if mine else ["_no task was compared (the reasons say why)_"]
     paired = next((c for c in comparisons if c.stat == "paired" and c.confidence is not None), None)
     if paired is not None and paired.confidence is not None:
         lines += ["", f"Intervals: paired by sample id, two one-sided {paired.confidence:.0%} bounds (a "

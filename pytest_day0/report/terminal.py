@@ -159,7 +159,7 @@ def recipe_lines(recipe: str, comparisons: Sequence[TaskComparison], verdict: Ve
     lines = [f"{recipe}{size}"]
     mine = [c for c in comparisons if c.recipe in (recipe, None)]
     if not mine:
-        lines.append(f"  {MISSING} no task was compared (an upstream stage failed)")
+        lines.append(f"  {MISSING} no task was compared (the reasons say why)")
         return lines
     lines += table_lines([comparison_cells(c) for c in mine])
     lines += _limits(mine)
