@@ -1,8 +1,9 @@
 """NeMo Evaluator (``nel eval run``) output folders as an eval source: gate runs a team already has.
 
-Read from nemo-evaluator 0.3.0's own code (``engine/artifacts.py`` ``write_all``, ``engine/eval_loop.py``
-``run_evaluation``, ``orchestration/orchestrator.py``) and checked against files it wrote
-(``tests/data/nemo_evaluator``). ``nel eval run -o OUT`` writes one folder per benchmark::
+Read from nemo-evaluator 0.3.0's own code (github.com/NVIDIA-NeMo/Evaluator tag v0.3.0, d2f7b170, the same
+files as the PyPI wheel: ``engine/artifacts.py`` ``write_all``, ``engine/eval_loop.py`` ``run_evaluation``,
+``orchestration/orchestrator.py``) and checked against files it wrote (``tests/data/nemo_evaluator``).
+``nel eval run -o OUT`` writes one folder per benchmark::
 
     OUT/<benchmark>/eval-<stamp>-<benchmark>.json   the bundle: {"run_id", "config": {"benchmark", "repeats", ...},
                                                     "benchmark": {"name", "samples" (problems), "repeats",
@@ -42,7 +43,10 @@ from pytest_day0.workspace import atomic_write_text, digest
 SCALE = (0.0, 1.0)
 HEADLINE_METRICS = ("pass@1", "mean_reward")  # what nel's metrics/headline.py emits, binary or fractional rewards
 REPORTED_TOLERANCE = 5e-5 + 1e-9  # nel rounds the headline value to 4 places
-ENDPOINT_ERRORS = frozenset({"infra_error", "system"})  # graded 0.0 by nel, but nothing was answered
+# Graded 0.0 by nel although the model answered nothing. 0.3.0 writes infra_error and system (a repeat it grades
+# 0.0 as the task's own failure is "graceful": a wrong answer, as nel counts it); its main branch after 0.3.0
+# (observability/failure_classification.py, commit ac66aff5) adds these endpoint categories.
+ENDPOINT_ERRORS = frozenset({"infra_error", "system", "rate_limit", "server_error", "model_timeout"})
 RESULTS = "results.jsonl"
 
 
