@@ -273,3 +273,15 @@ def test_a_repeat_count_mismatch_stops_the_comparison(pytester: pytest.Pytester)
     assert verdict["comparisons"] == [] or all(c.get("quality") is None for c in verdict["comparisons"])
     assert "the baseline ran 2 repeats per problem, fp8 ran 1" in result.stdout.str()
     assert result.ret == 1
+
+
+def test_a_nel_baseline_with_an_lm_eval_candidate_stops_in_one_line(pytester: pytest.Pytester) -> None:
+    lm = pytester.path / "lm" / "org__Model"
+    lm.mkdir(parents=True)
+    (lm / "results_2026-03-14T09-26-53.589793.json").write_text("{}")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--day0-model=demo", "--recipe", "fp8",
+                                           f"--day0-lm-eval-baseline={DATA / 'base'}",
+                                           f"--day0-lm-eval-candidate={lm.parent}")
+    assert result.ret == 4
+    line = next(li for li in result.stderr.lines if "USER_CONFIG_ERROR" in li)
+    assert line.startswith("ERROR: [USER_CONFIG_ERROR] the baseline folder") and "give two of a kind" in line
