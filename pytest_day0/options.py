@@ -87,8 +87,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("lm_eval_python", "--day0-lm-eval-python", "python that runs lm-eval (default: this interpreter; install "
            "with pip install 'pytest-day0[lm-eval]')"),
     Option("lm_eval_baseline", "--day0-lm-eval-baseline", "lm-eval --output_path folder of the baseline (run with "
-           "--log_samples); implies --day0-eval lm-eval"),
-    Option("lm_eval_candidate", "--day0-lm-eval-candidate", "lm-eval --output_path folder of the candidate"),
+           "--log_samples), or a NeMo Evaluator nel eval run -o folder; implies --day0-eval lm-eval"),
+    Option("lm_eval_candidate", "--day0-lm-eval-candidate", "lm-eval --output_path (or nel eval run -o) folder of "
+           "the candidate"),
     Option("serve", "--day0-serve", "serve engine: reference, vllm, external, or one a plugin registers",
            default="reference"),
     Option("vllm_python", "--day0-vllm-python", "python of the environment with vLLM and llm-compressor (default: "

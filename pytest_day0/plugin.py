@@ -174,11 +174,10 @@ def _task_names(config: pytest.Config, run: RunConfig) -> list[str]:
     """The names the suite is parametrized with: task files, what lm-eval folders logged, or what an engine that
     resolves names itself (lm-eval's registry) makes of them. Its progress lines reach the terminal (the first
     resolution of lm-eval names loads datasets); an xdist worker reads the controller's resolution back."""
-    if run.lm_eval_folders:  # the tasks are whatever the baseline's lm-eval results logged samples for
-        from pytest_day0.scoring.lm_eval import task_names
+    if run.lm_eval_folders:  # the tasks are whatever the baseline's lm-eval (or NeMo Evaluator) results logged
+        from pytest_day0.scoring.external_results import task_names
 
-        assert run.lm_eval_baseline is not None
-        return task_names(run.lm_eval_baseline, run.tasks)
+        return task_names(run)
     from pytest_day0.engines import eval_engine
 
     engine = eval_engine(run.eval)

@@ -133,10 +133,10 @@ class ReleaseChain:
             self.source(), cache=self.ws.root / "fingerprints.json"))
 
     def tasks(self) -> list[Task]:
-        if self.config.lm_eval_folders:  # scores from lm-eval folders: the tasks are what the baseline logged
-            from pytest_day0.scoring import lm_eval
+        if self.config.lm_eval_folders:  # scores from result folders: the tasks are what the baseline logged
+            from pytest_day0.scoring import external_results
 
-            return self.runner.local("tasks", lambda: lm_eval.run_tasks(self.config))
+            return self.runner.local("tasks", lambda: external_results.run_tasks(self.config))
         engine = eval_engine(self.config.eval)
         if engine.tasks is not None:  # the engine resolves the names itself (lm-eval's registry)
             resolve = engine.tasks
@@ -400,9 +400,9 @@ class ReleaseChain:
         that the lockstep rounds needed (for the baseline, the longest any recipe needed)."""
         task = self.task(task_name)
         if self.config.lm_eval_folders:  # read, not served: the records land in the workspace like scored ones
-            from pytest_day0.scoring import lm_eval
+            from pytest_day0.scoring import external_results
 
-            return self.runner.local(f"eval-{side}-{task.name}", lambda: lm_eval.side_result(
+            return self.runner.local(f"eval-{side}-{task.name}", lambda: external_results.side_result(
                 self.config, side, task.name, self.ws.root))
         if task.members:  # an aggregate (an lm-eval group): its members' evaluations, combined
             return self.runner.local(f"eval-{side}-{task.name}", lambda: self._members_evaluation(side, task))

@@ -131,7 +131,8 @@ def test_ptq_metadata(day0_chain: ReleaseChain, day0_recipe: str, request: pytes
 def test_deploy(day0_chain: ReleaseChain, day0_side: str, request: pytest.FixtureRequest) -> None:
     """The side is served, healthy, and answers one canary generation."""
     if day0_chain.config.lm_eval_folders:
-        skip(None, "nothing is served: the scores come from lm-eval output folders (--day0-lm-eval-baseline)")
+        skip(None, "nothing is served: the scores come from lm-eval or NeMo Evaluator output folders "
+                   "(--day0-lm-eval-baseline)")
     if day0_chain.config.quantize != "none":
         needs(day0_chain.source, "setup")
     upstream = day0_chain.infeasible_upstream(day0_side) if day0_side != BASELINE else None
