@@ -12,6 +12,7 @@ import os
 import sys
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -572,11 +573,18 @@ class Day0Session:
             self.relay.close()
         state = self.state
         chain = state.chain or ReleaseChain(state.config, state.session_id)
-        state.stopped_servers = chain.stop_servers()
-        chain.close()
         if self.config.option.collectonly:  # nothing ran: no verdict, and the last real verdict.json stays
+            state.stopped_servers = chain.stop_servers()
+            chain.close()
             return
-        session_report.finish(state, self.config)
+        # the servers stop (each a grace period of waiting) while the reports, which never need them, are written
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="day0-stop") as pool:
+            stopping = pool.submit(chain.stop_servers)
+            try:
+                session_report.finish(state, self.config)
+            finally:
+                state.stopped_servers = stopping.result()
+                chain.close()
         systemic = any(o.status == "failed" and o.failure_class is FailureClass.SYSTEMIC for o in state.outcomes)
         if systemic and session.exitstatus == pytest.ExitCode.INTERRUPTED:
             # pytest-xdist turns a worker's shouldfail into an interruption; the run failed, nobody interrupted it.
