@@ -9,6 +9,7 @@ is given: a session that does not use it pays one option table and one config ch
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable
@@ -499,6 +500,10 @@ def pytest_json_runtest_metadata(item: pytest.Item, call: pytest.CallInfo[None])
     return {"day0": {k: v for k, v in item.user_properties if k != OUTCOME_PROPERTY}}
 
 
+# a server start (a reused checkpoint still prints "PTQ <recipe> done in", a re-run starts no server)
+_STAGE_RAN = re.compile(r"\[day0\] serve [^\s:]+ (\.\.\.|done in )")
+
+
 class _ProgressRelay:
     """On the xdist controller: prints the lines workers append to the session's progress log, as they come."""
 
@@ -521,6 +526,10 @@ class _ProgressRelay:
         whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next round
         self.offset += len(whole)
         for line in whole.decode("utf-8", errors="replace").splitlines():
+            if _STAGE_RAN.match(line):  # a worker started a server: this session will draw a new plot
+                from pytest_day0.report.plot import prewarm
+
+                prewarm()
             _terminal_line(self.config, line)
 
     def _run(self) -> None:
