@@ -17,10 +17,11 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from pytest_day0.failures import Day0Error, FailureClass
-from pytest_day0.scoring.client import OpenAIClient, RetryPolicy, ScorerHTTP, TransportFailure
+from pytest_day0.scoring.client import OpenAIClient, RetryPolicy, ScorerHTTP, TransportFailure, transport_failure_kind
 from pytest_day0.serving.endpoint import Endpoint
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -406,3 +407,18 @@ def test_closing_the_client_closes_every_socket_even_with_requests_cancelled_in_
     connections, closed_in_time, left = asyncio.run(main())
     assert connections >= 2 and closed_in_time == list(range(1, connections + 1))
     assert left == set(), left
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    (aiohttp.ConnectionTimeoutError("connect"), "ConnectTimeout"),  # a subclass of the read timeout's base: first
+    (aiohttp.SocketTimeoutError("read"), "ReadTimeout"),
+    (aiohttp.ServerDisconnectedError(), "RemoteProtocolError"),
+    (aiohttp.ClientPayloadError("short body"), "RemoteProtocolError"),
+    (aiohttp.InvalidURL("http://[::1"), "UnsupportedProtocol"),
+    (aiohttp.ClientOSError(104, "reset"), "ReadError"),
+])
+def test_each_aiohttp_failure_has_the_name_of_what_happened(error: aiohttp.ClientError, kind: str) -> None:
+    """The kinds no socket test above provokes on 127.0.0.1 (a connect timeout needs an address that never
+    answers), decided on the exception alone."""
+    assert transport_failure_kind(error) == kind
+    assert TransportFailure(kind, str(error)).timed_out == kind.endswith("Timeout")
