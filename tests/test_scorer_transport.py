@@ -422,3 +422,30 @@ def test_each_aiohttp_failure_has_the_name_of_what_happened(error: aiohttp.Clien
     answers), decided on the exception alone."""
     assert transport_failure_kind(error) == kind
     assert TransportFailure(kind, str(error)).timed_out == kind.endswith("Timeout")
+
+
+def test_a_proxy_refusing_the_tunnel_never_shows_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp puts the proxy's URL, user and password included, into the error of a refused CONNECT; that error's
+    text becomes the INFRA_TRANSIENT message, which goes to JUnit and CI summaries."""
+    tunnels: list[bytes] = []
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        tunnels.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(refuse) as proxy_url:
+            monkeypatch.setenv("HTTPS_PROXY", proxy_url.replace("://", "://us%40er:s3cret-pw@"))
+            policy = RetryPolicy(max_retries=1, backoff_base_s=0.01)
+            async with OpenAIClient(Endpoint(url="https://127.0.0.1:9", model="m"), policy=policy) as api:
+                await api.post("/v1/completions", {})
+
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(Day0Error) as caught:
+        asyncio.run(main())
+    message = str(caught.value)
+    assert tunnels == [b"CONNECT 127.0.0.1:9 HTTP/1.1"] * 2  # the proxy was asked, twice (one retry)
+    assert caught.value.failure_class is FailureClass.INFRA_TRANSIENT and "407" in message
+    assert "s3cret" not in message and "us%40er" not in message and "us@er" not in message, message

@@ -6,9 +6,9 @@ body that is not the OpenAI shape is EVAL_JUDGE_FAILED and is not retried, becau
 
 HTTP: aiohttp directly, one ``ClientSession`` per evaluation (the connection pool sized to the concurrency,
 keep-alive). The scorer sends tens of thousands of small POSTs, and every layer above the socket is paid per
-request: httpx's Request/Response objects on aiohttp's pool (``httpx-aiohttp``) cost twice bare aiohttp's client
-CPU per request (0.29 vs 0.13 ms, bench/RESULTS.md), which left the scorer slower than lm-eval's aiohttp client
-in the request phase. httpx stays the project's client everywhere else (health polls, downloads).
+request: httpx's Request/Response objects on aiohttp's pool (``httpx-aiohttp``) cost 1.6-1.7x bare aiohttp's
+client CPU per request; used directly, this client costs what aiohttp does (bench/RESULTS.md). httpx stays the
+project's client everywhere else (health polls, downloads).
 """
 
 from __future__ import annotations
@@ -167,6 +167,9 @@ class ScorerHTTP:
         self._urls: dict[str, URL] = {}
         proxy = environment_proxy(base_url)
         self._proxy: dict[str, Any] = {"proxy": proxy} if proxy else {}
+        # aiohttp names the proxy's URL, credentials included, in its errors (a refused CONNECT): cut them out
+        secrets = (proxy.raw_user, proxy.raw_password, proxy.user, proxy.password) if proxy else ()
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         tls: ssl.SSLContext | bool = True  # aiohttp's own default; never used for plain http
         if verify is not None or base_url.startswith("https:") or (proxy and proxy.scheme == "https"):
             tls = verify or _tls_context()
@@ -193,7 +196,10 @@ class ScorerHTTP:
                 status = resp.status
                 return Answer(status, body, resp.headers.get("Retry-After") if status >= 400 else None)
         except aiohttp.ClientError as exc:
-            raise TransportFailure(transport_failure_kind(exc), str(exc) or type(exc).__name__) from exc
+            detail = str(exc) or type(exc).__name__
+            for secret in self._secrets:
+                detail = detail.replace(secret, "**********")
+            raise TransportFailure(transport_failure_kind(exc), detail) from None
 
     async def aclose(self) -> None:
         await self._session.close()
