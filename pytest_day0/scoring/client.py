@@ -4,10 +4,11 @@ Why our own and not ``openai``: the failure class of every error is the product 
 dropped connection is INFRA_TRANSIENT (retried with seeded, jittered backoff); any other 4xx, a bad key, or a
 body that is not the OpenAI shape is EVAL_JUDGE_FAILED and is not retried, because re-sending cannot fix it.
 
-HTTP: httpx's requests, responses, timeouts and errors on aiohttp's connection pool (``httpx-aiohttp``), sent
-straight to the transport. The scorer sends tens of thousands of small POSTs; httpx's default httpcore + anyio
-stack costs ~4x the client CPU per request of this one, and ``AsyncClient``'s per-request work the scorer does not
-use (URL merging, cookie jar, auth and redirect flows) costs as much again as the transport (bench/RESULTS.md).
+HTTP: aiohttp directly, one ``ClientSession`` per evaluation (the connection pool sized to the concurrency,
+keep-alive). The scorer sends tens of thousands of small POSTs, and every layer above the socket is paid per
+request: httpx's Request/Response objects on aiohttp's pool (``httpx-aiohttp``) cost 1.6-1.7x bare aiohttp's
+client CPU per request; used directly, this client costs what aiohttp does (bench/RESULTS.md). httpx stays the
+project's client everywhere else (health polls, downloads).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import math
 import random
 import ssl
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
 import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from pytest_day0 import __version__
 from pytest_day0.failures import Day0Error, FailureClass
@@ -36,6 +37,8 @@ from pytest_day0.serving.endpoint import Endpoint
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 BODY_SNIPPET = 160
 KEEPALIVE_S = 5.0  # an idle connection is closed after this, as httpx's pool does
+# built once: json.dumps with any non-default argument builds a new encoder on every call
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 @dataclass(frozen=True)
@@ -79,76 +82,127 @@ def _one_line(text: str, limit: int = BODY_SNIPPET) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def httpx_error_for(exc: BaseException) -> type[httpx.TransportError] | None:
-    """httpx's name for an aiohttp failure, by its most specific class; None for anything not aiohttp's.
-
-    httpx-aiohttp 0.2.0 maps by the first matching base class, so a refused port and a server that hangs up
-    both arrive as ``ConnectTimeout`` (a timeout that never happened), and a malformed status line escapes as
-    aiohttp's own ``ClientResponseError``, which no httpx handler catches."""
+def transport_failure_kind(exc: aiohttp.ClientError) -> str:
+    """What an aiohttp failure is, by its most specific class, in httpx's words (the scorer's messages have always
+    named failures so: "timed out (ReadTimeout)", "connection error (ConnectError: ...)"). A refused port is no
+    timeout and a hang-up is no connect error: the retry policy and the reader of the message both rely on the name."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout
+        return "ConnectTimeout"
     if isinstance(exc, aiohttp.ServerTimeoutError):
-        return httpx.ReadTimeout
+        return "ReadTimeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError
+        return "ConnectError"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
-        return httpx.RemoteProtocolError
+        return "RemoteProtocolError"
     if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-        return httpx.UnsupportedProtocol
-    if isinstance(exc, aiohttp.ClientError):
-        return httpx.ReadError
-    return None
+        return "UnsupportedProtocol"
+    return "ReadError"  # any other failure while sending or reading
 
 
-class ScorerTransport(AiohttpTransport):
-    """httpx-aiohttp's transport, reading the whole body inside it so that every aiohttp failure, the body's
-    included, reaches the retry policy as the httpx error it names (``httpx_error_for``)."""
+class TransportFailure(Exception):
+    """A request that got no HTTP answer at all; ``kind`` is ``transport_failure_kind``'s name for it."""
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            response = await super().handle_async_request(request)
-            try:
-                await response.aread()
-            except BaseException:  # cancelled or failed mid-body: aiohttp closes a half-read connection
-                await response.aclose()
-                raise
-        except (httpx.TransportError, aiohttp.ClientError) as exc:
-            cause = exc.__cause__ if isinstance(exc, httpx.TransportError) else exc
-            kind = httpx_error_for(cause) if cause is not None else None
-            if kind is None:
-                raise
-            raise kind(str(cause) or type(cause).__name__, request=request) from cause
-        return response
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def timed_out(self) -> bool:
+        return self.kind.endswith("Timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP answer, body read whole; Retry-After kept only where it matters (an error status)."""
+
+    status: int
+    body: bytes
+    retry_after: str | None = None
 
 
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
-    """httpx's certificate store (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), loaded once per process: 70 ms a time."""
+    """httpx's certificate store (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), loaded once per process: 70 ms a time,
+    and only for an https endpoint (httpx is imported for it then, not on every scorer start)."""
+    import httpx
+
     return httpx.create_ssl_context()
 
 
-def environment_proxy(url: str) -> httpx.Proxy | None:
+def environment_proxy(url: str) -> URL | None:
     """The proxy HTTP(S)_PROXY / ALL_PROXY name for ``url``, unless NO_PROXY exempts it: read once per client, as
     httpx's client reads them. Not aiohttp's ``trust_env``: it looks them (and ~/.netrc) up on a worker thread for
-    every request, two thread hand-offs per request (a third of the scorer's CPU in a profile)."""
-    target = httpx.URL(url)
+    every request, two thread hand-offs per request (a third of the scorer's CPU in a profile). Credentials stay in
+    the URL, where aiohttp takes them for Proxy-Authorization; the URL is never put into a message."""
+    target = urllib.parse.urlsplit(url)
     proxies = urllib.request.getproxies()
     proxy = proxies.get(target.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(target.host):
+    if not proxy or urllib.request.proxy_bypass(target.hostname or ""):
         return None
-    return httpx.Proxy(proxy)
+    try:
+        parsed = URL(proxy)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        scheme = proxy.split("://", 1)[0]  # never the rest: it may carry a password
+        raise Day0Error(FailureClass.USER_CONFIG_ERROR,
+                        f"the environment's proxy for {target.scheme} ({scheme}://...) is not an http(s) proxy URL; "
+                        "fix HTTP_PROXY/HTTPS_PROXY/ALL_PROXY or exempt the endpoint with NO_PROXY")
+    return parsed
 
 
-def scorer_transport(url: str, max_connections: int, verify: ssl.SSLContext | None = None) -> ScorerTransport:
-    """For requests to ``url``: at most ``max_connections`` sockets, kept alive between requests; TLS verified
-    against ``verify`` (default: httpx's store); the environment's proxy for ``url``, if any."""
-    tls = verify or _tls_context()
+class ScorerHTTP:
+    """One aiohttp session for one base URL: at most ``max_connections`` sockets, kept alive between requests;
+    TLS verified against ``verify`` (default: httpx's store); the environment's proxy, if any.
 
-    def session() -> aiohttp.ClientSession:
+    ``post`` reads the whole body inside the request, so every failure, the body's included, arrives as a
+    ``TransportFailure``, and a request cancelled or failed half-way closes its socket (aiohttp never returns
+    a connection with unread bytes to the pool)."""
+
+    def __init__(self, base_url: str, max_connections: int, *, timeout_s: float = 120.0,
+                 connect_timeout_s: float = 10.0, headers: dict[str, str] | None = None,
+                 verify: ssl.SSLContext | None = None) -> None:
+        self.base_url = base_url
+        self._urls: dict[str, URL] = {}
+        proxy = environment_proxy(base_url)
+        self._proxy: dict[str, Any] = {"proxy": proxy} if proxy else {}
+        # aiohttp names the proxy's URL, credentials included, in its errors (a refused CONNECT): cut them out
+        secrets = (proxy.raw_user, proxy.raw_password, proxy.user, proxy.password) if proxy else ()
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        tls: ssl.SSLContext | bool = True  # aiohttp's own default; never used for plain http
+        if verify is not None or base_url.startswith("https:") or (proxy and proxy.scheme == "https"):
+            tls = verify or _tls_context()
         connector = aiohttp.TCPConnector(limit=max_connections, ssl=tls, keepalive_timeout=KEEPALIVE_S)
-        return aiohttp.ClientSession(connector=connector)
+        # connect: waiting for a pooled socket plus connecting; sock_connect: the TCP/TLS connect alone;
+        # sock_read: silence between two reads (what httpx calls its read timeout); no total: a long generation
+        # that streams nothing until done is bounded by sock_read alone, as before
+        timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=min(connect_timeout_s, timeout_s),
+                                        sock_read=timeout_s)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
+                                              trust_env=False, raise_for_status=False)
 
-    return ScorerTransport(verify=tls, client=session, proxy=environment_proxy(url))
+    def url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
+
+    async def post(self, path: str, content: bytes) -> Answer:
+        url = self._urls.get(path) or self.url(path)
+        try:
+            async with self._session.post(url, data=content, allow_redirects=False, **self._proxy) as resp:
+                body = await resp.read()
+                status = resp.status
+                return Answer(status, body, resp.headers.get("Retry-After") if status >= 400 else None)
+        except aiohttp.ClientError as exc:
+            detail = str(exc) or type(exc).__name__
+            for secret in self._secrets:
+                detail = detail.replace(secret, "**********")
+            raise TransportFailure(transport_failure_kind(exc), detail) from None
+
+    async def aclose(self) -> None:
+        await self._session.close()
 
 
 @dataclass(frozen=True)
@@ -176,23 +230,24 @@ class OpenAIClient:
         self.endpoint = endpoint
         self.policy = policy or RetryPolicy()
         self.concurrency = concurrency
-        timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
-        self._extensions = {"timeout": timeout.as_dict()}
-        self._headers = httpx.Headers({"accept": "application/json", "accept-encoding": "gzip, deflate",
-                                       "content-type": "application/json", "user-agent": f"pytest-day0/{__version__}",
-                                       **endpoint.headers()})
-        self._urls: dict[str, httpx.URL] = {}
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self._sem = asyncio.Semaphore(concurrency)
         self._rng = random.Random(self.policy.seed)
-        self._http: ScorerTransport | None = None
+        self._http: ScorerHTTP | None = None
         self.requests_sent = 0
         self.retries = 0
         # None until learnt: whether the server accepts max_tokens=0 for echo scoring
         self.zero_max_tokens_ok: bool | None = None
         self._probe = asyncio.Lock()
 
+    def _headers(self) -> dict[str, str]:
+        return {"Accept": "application/json", "Accept-Encoding": "gzip, deflate", "Content-Type": "application/json",
+                "User-Agent": f"pytest-day0/{__version__}", **self.endpoint.headers()}
+
     async def __aenter__(self) -> Self:
-        self._http = scorer_transport(self.base_url, self.concurrency)
+        self._http = ScorerHTTP(self.base_url, self.concurrency, timeout_s=self.timeout_s,
+                                connect_timeout_s=self.connect_timeout_s, headers=self._headers())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -202,9 +257,10 @@ class OpenAIClient:
 
     async def post(self, path: str, payload: dict[str, Any]) -> Reply:
         """POST with retries; returns the JSON object or raises Day0Error(INFRA_TRANSIENT | EVAL_JUDGE_FAILED)."""
-        if self._http is None:
+        http = self._http
+        if http is None:
             raise RuntimeError("OpenAIClient used outside 'async with'")
-        body = {"model": self.endpoint.model, **payload}
+        content = _ENCODE({"model": self.endpoint.model, **payload}).encode()
         where = f"POST {path}"
         attempts = 0
         while True:
@@ -213,39 +269,33 @@ class OpenAIClient:
             try:
                 async with self._sem:
                     self.requests_sent += 1
-                    resp = await self._http.handle_async_request(self._request(path, body))
-            except httpx.TimeoutException as exc:
-                why = f"timed out ({type(exc).__name__})"
-            except httpx.TransportError as exc:
-                why = f"connection error ({type(exc).__name__}: {_one_line(str(exc), 80)})"
+                    answer = await http.post(path, content)
+            except TransportFailure as exc:
+                if exc.timed_out:
+                    why = f"timed out ({exc.kind})"
+                else:
+                    why = f"connection error ({exc.kind}: {_one_line(exc.detail, 80)})"
             else:
-                if resp.status_code < 400:
-                    return Reply(self._parse(where, resp, self._redact), attempts)
-                snippet = _one_line(self._redact(resp.text))
-                if resp.status_code not in TRANSIENT_STATUS:
+                status = answer.status
+                if status < 400:
+                    return Reply(self._parse(where, answer.body, self._redact), attempts)
+                snippet = _one_line(self._redact(answer.body.decode("utf-8", "replace")))
+                if status not in TRANSIENT_STATUS:
                     raise Day0Error(
                         FailureClass.EVAL_JUDGE_FAILED,
-                        f"{where}: HTTP {resp.status_code}: {snippet}",
-                        status=resp.status_code,
+                        f"{where}: HTTP {status}: {snippet}",
+                        status=status,
                         attempts=attempts,
                     )
-                why = f"HTTP {resp.status_code}: {snippet}"
+                why = f"HTTP {status}: {snippet}"
                 # 429 is the documented case; a 503 that says when to come back is honoured too
-                retry_after = parse_retry_after(resp.headers.get("retry-after"))
+                retry_after = parse_retry_after(answer.retry_after)
             if attempts > self.policy.max_retries:
                 raise Day0Error(
                     FailureClass.INFRA_TRANSIENT, f"{where}: {why} after {attempts} attempts", attempts=attempts
                 )
             self.retries += 1
             await asyncio.sleep(backoff_delay(self.policy, attempts - 1, self._rng, retry_after))
-
-    def _request(self, path: str, body: dict[str, Any]) -> httpx.Request:
-        """What ``AsyncClient.post(path, json=body)`` builds, less its merging: the URL of each path parsed once."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(self.base_url + path)
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        return httpx.Request("POST", url, headers=self._headers, content=content, extensions=self._extensions)
 
     def _redact(self, text: str) -> str:
         """Servers echo a rejected key in their error body ("Incorrect API key provided: ..."); our message
@@ -254,13 +304,13 @@ class OpenAIClient:
         return text.replace(key, "**********") if key else text
 
     @staticmethod
-    def _parse(where: str, resp: httpx.Response, redact: Callable[[str], str] = str) -> dict[str, Any]:
+    def _parse(where: str, body: bytes, redact: Callable[[str], str] = str) -> dict[str, Any]:
         try:
-            data = resp.json()
+            data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise Day0Error(
                 FailureClass.EVAL_JUDGE_FAILED,
-                f"malformed response from {where}: not JSON: {_one_line(redact(resp.text))}",
+                f"malformed response from {where}: not JSON: {_one_line(redact(body.decode('utf-8', 'replace')))}",
             ) from None
         if not isinstance(data, dict):
             raise Day0Error(FailureClass.EVAL_JUDGE_FAILED, f"malformed response from {where}: not a JSON object")
