@@ -202,7 +202,7 @@ def _release(rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pytest_day0.stages.serve import REFERENCE_MAX_BATCH
+    from pytest_day0.serving import REFERENCE_MAX_BATCH
 
     parser = _Parser(prog="python -m pytest_day0", description=DESCRIPTION, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

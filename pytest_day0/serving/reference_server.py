@@ -38,8 +38,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pytest_day0.failures import Day0Error
+from pytest_day0.serving import LOOPBACK_HOSTS, REFERENCE_MAX_BATCH
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1"})
 MAX_LOGPROBS = 20
 MAX_N = 16
 DEFAULT_MAX_TOKENS_UNBOUNDED = 256  # when the config states no context length
@@ -626,7 +626,7 @@ def run_chat(engine: Engine, params: ChatParams, model_name: str) -> dict[str, A
                       "total_tokens": len(ids) + completion_tokens}}
 
 
-MAX_BATCH = 64
+MAX_BATCH = REFERENCE_MAX_BATCH
 MAX_BATCH_TOKENS = 16384  # prompt + generation positions in one batch: bounds the padded forward's memory
 LOGITS_BUDGET = 2**28  # float32 logits of one batch (positions x vocab, 1 GiB): a 150k vocabulary gets 1,789 positions
 

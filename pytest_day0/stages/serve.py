@@ -30,15 +30,12 @@ import httpx
 from pydantic import SecretStr
 
 from pytest_day0.failures import Day0Error, FailureClass
+from pytest_day0.serving import LOOPBACK_HOSTS
 from pytest_day0.serving.endpoint import Endpoint
 
 REFERENCE_MODULE = "pytest_day0.serving.reference_server"
 LOAD_FAILED_MARKER = "load failed:"  # what reference_server prints before exiting on a checkpoint it cannot load
 STOP_GRACE_S = 10.0
-# The reference server's own values (reference_server imports torch; the CLI validates before that import).
-# tests/test_cli.py keeps them equal to reference_server.LOOPBACK_HOSTS / MAX_BATCH.
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1"})
-REFERENCE_MAX_BATCH = 64
 
 
 class ServerHandle:
