@@ -49,8 +49,8 @@ EVAL_SAMPLES = 300  # per task, held out of training: make_eval_sets(seed) decid
 TASK_SIZES = {"arc_like": 500, "gsm_like": 1000, "tau_like": 500}
 DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_BATCH = 1234, 3500, 128
 # Outlier channels (add_outlier_channels): how many input channels of each decoder RMSNorm, and the power of two
-# their weight columns grow by. Measured (bench/RESULTS.md, "A demo where quantization shows"): 2 channels at 2**3
-# cost nvfp4 one item; at 2**5 nvfp4 regresses while fp8 and int4_awq keep every item.
+# their weight columns grow by. Measured (bench/RESULTS.md, "A demo where quantization shows"): at 2**5 nvfp4 loses
+# 11 items (INCONCLUSIVE at full n); at 2**6 it is a REGRESSION while fp8 and int4_awq keep every item.
 OUTLIER_CHANNELS, OUTLIER_SCALE = 2, 64
 NORM_CONSUMERS = {  # each decoder RMSNorm and the linears that read its output (a Llama layer)
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
