@@ -310,9 +310,10 @@ def add_outlier_channels(state: dict[str, torch.Tensor], seed: int, scale: float
     ``i`` by the same factor. ``scale`` is a power of two, so both products are exact in bf16 and float32 (only the
     exponent moves; nothing here comes near overflow or subnormals) and ``x_i * W[r, i]`` is the same number: the
     model's outputs are bit-identical (tests/test_demo.py checks the logits). What changes is what a quantizer sees:
-    a column 32x the others, as in real LLMs. A per-block weight format scaled by its block's largest value (NVFP4's
-    16, INT4's 128) then rounds the block's other weights towards zero; FP8 keeps relative precision; AWQ's and
-    SmoothQuant's per-channel scales (activation max^a / weight max^(1-a)) divide the factor back out, whatever a.
+    columns ``scale`` times the others (64 as shipped), as in real LLMs. A per-block weight format scaled by its
+    block's largest value (NVFP4's 16, INT4's 128) then rounds the block's other weights towards zero; FP8 keeps
+    relative precision; AWQ's and SmoothQuant's per-channel scales (activation^a / weight^(1-a)) divide the factor
+    back out, about or up to rounding, whatever a.
     Returns a new dict; ``remove_outlier_channels`` is its exact inverse.
     """
     if scale <= 0 or math.frexp(scale)[0] != 0.5:
