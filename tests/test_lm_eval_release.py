@@ -36,7 +36,8 @@ pytest_plugins = ["pytester"]
 DEMO_TASKS = ("arc_like", "gsm_like", "tau_like")
 SIZES = {"arc_like": 500, "gsm_like": 1000, "tau_like": 500}  # the demo's tasks, every document
 COMMON = ("-p", "no:cacheprovider", "--day0-model=demo", "--day0-calib-size=16")
-# layer 0's down_proj x2.5 changes answers of arc_like and gsm_like (tests/test_plugin_release.py, MODERATE)
+# layer 0's down_proj x2.5 changes answers of every task (tests/test_plugin_release.py, MODERATE; on the demo with
+# outlier channels, calibration 16: 1 / 19 / 6 items of arc_like / gsm_like / tau_like lost, measured by this file)
 MODERATE = {"model.layers.0.mlp.down_proj.weight_scale": 2.5}
 
 
@@ -86,6 +87,15 @@ def table(verdict: dict[str, Any]) -> list[tuple[Any, ...]]:
 def without_bounds(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Table rows without ci_low / ci_high (positions 7 and 8)."""
     return [row[:7] + row[9:] for row in rows]
+
+
+def without_gates(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Table rows without the floor / quality / anomaly flags (the last three)."""
+    return [row[:-3] for row in rows]
+
+
+def by_task(verdict: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(verdict["comparisons"], key=lambda c: (c["recipe"], c["task"]))
 
 
 def decisions(verdict: dict[str, Any]) -> dict[str, str]:
@@ -153,7 +163,16 @@ def test_lm_eval_engine_agrees_with_the_scorer_on_every_document(pytester: pytes
     # Same items, same answers, same deltas, flips and McNemar p: the same table but for the interval bounds. The
     # betting interval reads the items in a keyed-hash order of their ids, and the engines name them differently
     # ("arc_like-0001" / "1"): two valid intervals, not the same digits (with no disagreement, as above, they are).
-    assert without_bounds(table(lm_dv)) == without_bounds(table(scored_dv)), (table(lm_dv), table(scored_dv))
+    # The gates read those bounds, so a gate may differ only where the two intervals end on different sides of its
+    # limit (measured on the demo with outlier channels: arc_like, 1 item lost, [-0.8, +0.5] PASS by the scorer's
+    # order, [-1.2, +0.5] INCONCLUSIVE by lm-eval's).
+    assert without_gates(without_bounds(table(lm_dv))) == without_gates(without_bounds(table(scored_dv))), (
+        table(lm_dv), table(scored_dv))
+    for lm_c, sc_c in zip(by_task(lm_dv), by_task(scored_dv), strict=True):
+        for gate in ("floor", "quality", "anomaly"):
+            if lm_c[gate]["passed"] != sc_c[gate]["passed"]:
+                limit = -(lm_c["floor_points"] if gate == "floor" else lm_c["threshold_points"])
+                assert gate != "anomaly" and (lm_c["ci_low"] > limit) != (sc_c["ci_low"] > limit), (gate, lm_c, sc_c)
     # The same verdict. The divergence pre-check runs with the scorer only (its texts are the scorer's task
     # samples) and warns on this damage, but a warn is a reason line, never the decision: the evaluation decides.
     assert decisions(lm_dv) == decisions(scored_dv) == {"fp8": "INCONCLUSIVE"}, lm_d.stdout.str()[-3000:]

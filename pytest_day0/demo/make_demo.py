@@ -4,6 +4,11 @@ The demo must exist without a model hub, so the project makes it: a ~1M-paramete
 character-level Llama trained on three synthetic tasks whose answers are exact, so that
 quantization damage shows up as a measurable score change rather than noise in prose.
 Run ``python -m pytest_day0.demo.make_demo`` to reproduce it from the seed.
+
+A model this small, trained this briefly, has none of the outlier channels of real LLMs (Dettmers et al. 2022,
+LLM.int8(), arXiv 2208.07339; Sun et al. 2024, "Massive activations", arXiv 2402.17762), so every recipe kept its
+scores and the demo could not show a recipe regressing. ``add_outlier_channels`` gives it some after training, by an
+exact reparametrization (see there): the bf16 model computes the same bits, and only a quantizer sees the change.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import random
 import string
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 MODEL_DIR = HERE / "model"
@@ -40,6 +48,14 @@ EVAL_SAMPLES = 300  # per task, held out of training: make_eval_sets(seed) decid
 # what it learned, so trained-on items are fair for the comparison; they are not a generalization test.
 TASK_SIZES = {"arc_like": 500, "gsm_like": 1000, "tau_like": 500}
 DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_BATCH = 1234, 3500, 128
+# Outlier channels (add_outlier_channels): how many input channels of each decoder RMSNorm, and the power of two
+# their weight columns grow by. Measured (bench/RESULTS.md, "A demo where quantization shows"): at 2**5 nvfp4 loses
+# 11 items (INCONCLUSIVE at full n); at 2**6 it is a REGRESSION while fp8 and int4_awq keep every item.
+OUTLIER_CHANNELS, OUTLIER_SCALE = 2, 64
+NORM_CONSUMERS = {  # each decoder RMSNorm and the linears that read its output (a Llama layer)
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
 )
@@ -280,6 +296,50 @@ def train(seed: int, steps: int, batch: int, lr: float, log_every: int) -> Any:
     return model
 
 
+def outlier_channels(seed: int, norm: str, count: int = OUTLIER_CHANNELS) -> list[int]:
+    """Which input channels of ``norm`` (a state-dict key) become outliers: a seeded draw, the same on every run."""
+    return sorted(random.Random(f"{seed}:outliers:{norm}").sample(range(HIDDEN), count))
+
+
+def add_outlier_channels(state: dict[str, torch.Tensor], seed: int, scale: float = OUTLIER_SCALE,
+                         count: int = OUTLIER_CHANNELS) -> dict[str, torch.Tensor]:
+    """Weight outlier channels, with the bf16 function unchanged: ``gamma[i] /= scale`` and ``W[:, i] *= scale``.
+
+    For each decoder RMSNorm and a few seeded channels ``i``, the norm's output channel shrinks by ``scale`` and every
+    linear that reads it (q/k/v after input_layernorm, gate/up after post_attention_layernorm) grows its input column
+    ``i`` by the same factor. ``scale`` is a power of two, so both products are exact in bf16 and float32 (only the
+    exponent moves; nothing here comes near overflow or subnormals) and ``x_i * W[r, i]`` is the same number: the
+    model's outputs are bit-identical (tests/test_demo.py checks the logits). What changes is what a quantizer sees:
+    columns ``scale`` times the others (64 as shipped), as in real LLMs. A per-block weight format scaled by its
+    block's largest value (NVFP4's 16, INT4's 128) then rounds the block's other weights towards zero; FP8 keeps
+    relative precision; AWQ's and SmoothQuant's per-channel scales (activation^a / weight^(1-a)) divide the factor
+    back out, about or up to rounding, whatever a.
+    Returns a new dict; ``remove_outlier_channels`` is its exact inverse.
+    """
+    if scale <= 0 or math.frexp(scale)[0] != 0.5:
+        raise ValueError(f"outlier scale {scale} is not a power of two: the reparametrization would not be exact")
+    out = dict(state)
+    for layer in range(LAYERS):
+        for norm, consumers in NORM_CONSUMERS.items():
+            key = f"model.layers.{layer}.{norm}.weight"
+            channels = outlier_channels(seed, key, count)
+            gamma = out[key].clone()
+            gamma[channels] = gamma[channels] / scale
+            out[key] = gamma
+            for consumer in consumers:
+                weight_key = f"model.layers.{layer}.{consumer}.weight"
+                weight = out[weight_key].clone()
+                weight[:, channels] = weight[:, channels] * scale
+                out[weight_key] = weight
+    return out
+
+
+def remove_outlier_channels(state: dict[str, torch.Tensor], seed: int, scale: float = OUTLIER_SCALE,
+                            count: int = OUTLIER_CHANNELS) -> dict[str, torch.Tensor]:
+    """The trained weights back from the shipped ones (exact, for the same reason)."""
+    return add_outlier_channels(state, seed, 1 / scale, count)
+
+
 def teacher_forced_accuracy(model: Any, sets: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     """Greedy exact match equals argmax at every answer position; cheap to check in one batch."""
     import torch
@@ -307,6 +367,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     parser.add_argument("--tasks-only", action="store_true", help="write the tasks and calibration text, no training")
+    parser.add_argument("--from-trained", type=Path, default=None, metavar="SAFETENSORS",
+                        help="skip training: add the outlier channels to these trained weights (no outliers yet)")
     args = parser.parse_args()
 
     import torch
@@ -322,8 +384,18 @@ def main() -> None:
     if args.tasks_only:
         return
 
-    model = train(args.seed, args.steps, args.batch, args.lr, args.log_every)
+    model: Any
+    if args.from_trained is not None:
+        from safetensors.torch import load_file
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig.from_pretrained(MODEL_DIR))  # float32 holds bf16 exactly
+        model.load_state_dict(load_file(str(args.from_trained)))
+        model.eval()  # type: ignore[no-untyped-call]
+    else:
+        model = train(args.seed, args.steps, args.batch, args.lr, args.log_every)
     model = model.to(torch.bfloat16)
+    model.load_state_dict(add_outlier_channels(model.state_dict(), args.seed))
     print("teacher-forced accuracy (bf16):", teacher_forced_accuracy(model, sets), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     model.config.dtype = "bfloat16"
