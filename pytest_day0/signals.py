@@ -7,10 +7,16 @@ pytest plugin (for SIGTERM/SIGHUP; pytest itself handles SIGINT).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable, Coroutine
 from types import FrameType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class StopSignals:
@@ -46,3 +52,43 @@ class StopSignals:
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+
+def run_stoppable(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, but a stop signal cancels the coroutine instead of raising KeyboardInterrupt inside
+    whichever loop callback happens to run (an HTTP client's half-read response, a connector's bookkeeping): the
+    coroutine's own cleanup runs, the loop ends cleanly, and the interruption is raised here, after it. The signal
+    still goes to the handler that was installed (StopSignals counts it; a third one still quits at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(coro)  # signals reach the main thread only
+    interrupted: list[BaseException] = []
+    with asyncio.Runner() as runner:
+        loop = runner.get_loop()
+        main = loop.create_task(coro)
+        previous: dict[signal.Signals, Callable[[int, FrameType | None], Any]] = {}
+
+        def on_signal(sig: signal.Signals) -> None:
+            try:
+                previous[sig](sig.value, None)
+            except KeyboardInterrupt as exc:
+                interrupted.append(exc)
+                main.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                previous[sig] = handler
+                loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            result = loop.run_until_complete(main)
+        except asyncio.CancelledError:
+            if interrupted:
+                raise interrupted[0] from None
+            raise
+        finally:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)  # remove_signal_handler leaves SIG_DFL / default_int_handler
+    if interrupted:
+        raise interrupted[0]
+    return result

@@ -51,3 +51,55 @@ def test_sigterm_stops_every_server_the_session_started(tmp_path: Path, signals:
     while time.time() < deadline and _servers_using(workdir):
         time.sleep(0.2)
     assert _servers_using(workdir) == [], out[-2000:]
+
+
+STOPPABLE = r"""
+import asyncio, signal, sys
+from pytest_day0.signals import StopSignals, run_stoppable
+
+stop = StopSignals((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+stop.install()
+
+async def work():
+    loop = asyncio.get_running_loop()
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # a loop busy with real sockets
+    try:
+        print("under way", flush=True)
+        while True:  # busy in Python code: a signal lands in this frame unless it is turned into a cancellation
+            sum(range(20000))
+            await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        print("cancelled", flush=True)
+        raise
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt inside the loop", flush=True)
+        raise
+    finally:
+        server.close()
+        await server.wait_closed()
+        print("cleanup ran", flush=True)
+
+try:
+    run_stoppable(work())
+except KeyboardInterrupt as exc:
+    print("interrupted by", exc, "handler restored:", signal.getsignal(signal.SIGTERM) == stop._handle, flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_cancels_the_event_loops_work_and_is_raised_after_it(sig: signal.Signals) -> None:
+    """The scorer's loop: a stop signal used to raise KeyboardInterrupt inside whatever callback ran (an HTTP
+    client's read), which could leave a task to print its traceback; now the work is cancelled, its cleanup runs,
+    and the interruption is raised once the loop has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "under way"
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert "cancelled" in out and "KeyboardInterrupt inside the loop" not in out, out
+    assert "cleanup ran" in out and f"interrupted by {sig.name} handler restored: True" in out, out
+    assert "Traceback" not in out and "exception was never retrieved" not in out, out

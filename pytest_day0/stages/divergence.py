@@ -19,6 +19,7 @@ from pytest_day0.failures import Day0Error, FailureClass
 from pytest_day0.gates.divergence import TextLogprobs
 from pytest_day0.scoring.client import OpenAIClient, Reply
 from pytest_day0.serving.endpoint import Endpoint
+from pytest_day0.signals import run_stoppable
 
 WHERE = "POST /v1/completions (divergence pre-check)"
 
@@ -87,7 +88,7 @@ def side_logprobs(endpoint: Endpoint, texts: Sequence[str], *, top_k: int, concu
                   timeout_s: float = 600.0) -> list[TextLogprobs]:
     """Every text's top-k logprobs from one side's endpoint (sync; works from inside a running event loop too)."""
     def run() -> list[TextLogprobs]:
-        return asyncio.run(_side(endpoint, texts, top_k, concurrency, timeout_s))
+        return run_stoppable(_side(endpoint, texts, top_k, concurrency, timeout_s))
 
     try:
         asyncio.get_running_loop()

@@ -34,6 +34,7 @@ from pytest_day0.scoring.metrics import (
 from pytest_day0.scoring.records import SampleRecord, TaskResult
 from pytest_day0.scoring.tasks import Sample, Task
 from pytest_day0.serving.endpoint import Endpoint
+from pytest_day0.signals import run_stoppable
 from pytest_day0.workspace import DISK_ERRNOS, replace_file
 
 Progress = Callable[[int, int], None]
@@ -418,7 +419,7 @@ def run_evaluation(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(evaluate_task(*coro_args, **kwargs))
+        return run_stoppable(evaluate_task(*coro_args, **kwargs))
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(lambda: asyncio.run(evaluate_task(*coro_args, **kwargs))).result()
 
