@@ -6,6 +6,7 @@ controller stops what that start started once the session is over, and leaves a 
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import pytest
@@ -17,6 +18,12 @@ def _controller(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The Ctrl-C tests send SIGINT to the commands they start. Started as a background job of a non-interactive
+    # shell (`pytest ... &` in a script), this process and every child inherit SIGINT *ignored*, and the commands
+    # rightly keep ignoring it (StopSignals leaves an ignored signal alone): those tests would test nothing but the
+    # shell. Restored here (before xdist starts its workers, which inherit it), for the test processes only.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if _controller(config):
         begin_test_session()
 

@@ -87,7 +87,7 @@ except KeyboardInterrupt as exc:
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_cancels_the_event_loops_work_and_is_raised_after_it(sig: signal.Signals) -> None:
     """The scorer's loop: a stop signal used to raise KeyboardInterrupt inside whatever callback ran (an HTTP
     client's read), which could leave a task to print its traceback; now the work is cancelled, its cleanup runs,
