@@ -94,11 +94,16 @@ def test_a_stop_signal_cancels_the_event_loops_work_and_is_raised_after_it(sig: 
     and the interruption is raised once the loop has ended."""
     proc = subprocess.Popen([sys.executable, "-c", STOPPABLE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "under way"
-    time.sleep(0.2)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=30)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "under way"
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:  # whatever the outcome, the child does not outlive the test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, out
     assert "cancelled" in out and "KeyboardInterrupt inside the loop" not in out, out
     assert "cleanup ran" in out and f"interrupted by {sig.name} handler restored: True" in out, out
